@@ -1,0 +1,14 @@
+//! tiller: an inference server for diffusion and flow image models that steers generation at
+//! inference time.
+//!
+//! Data moves one way: `api → engine (queue) → pipeline (guidance, sampler ↔ model) → decode`.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod models;
+pub mod pipeline;
+pub mod sampling;
+pub mod util;

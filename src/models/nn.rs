@@ -1,0 +1,309 @@
+//! Building blocks shared by our networks, written so gradients always flow.
+//!
+//! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward pass: they cut
+//! the graph silently. Every op here checks whether its input is part of a recorded graph
+//! (`Tensor::track_op`) and then uses a composed, differentiable form; plain inference keeps the
+//! fast fused kernels. [`set_fused_ops`] is the one switch that turns fused kernels off
+//! everywhere (used by tests that compare both paths).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+static FUSED_OPS: AtomicBool = AtomicBool::new(true);
+
+/// Allow (default) or forbid fused kernels without a backward pass.
+pub fn set_fused_ops(enabled: bool) {
+    FUSED_OPS.store(enabled, Ordering::SeqCst);
+}
+
+fn use_fused(x: &Tensor) -> bool {
+    FUSED_OPS.load(Ordering::Relaxed) && !x.track_op() && x.is_contiguous()
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        candle_nn::ops::softmax_last_dim(x)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+/// Fully connected layer `y = x Wᵀ + b` on inputs of any rank.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// 2-D convolution with square kernel (NCHW).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    pub fn load(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
+        let bias = Some(vb.get(out_c, "bias")?);
+        Ok(Self { weight, bias, padding, stride })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A 1×1 convolution or a linear layer acting on channels, as Transformer2DModel's
+/// `proj_in`/`proj_out` are in SD-1 (conv) and SD-2 (linear).
+#[derive(Debug, Clone)]
+pub enum ChannelProj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// GroupNorm over (N, C, ...) computed from primitives (differentiable, any float dtype).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("norm_num_groups {groups} does not divide {channels} channels");
+        }
+        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let x32 = x.to_dtype(match dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        })?;
+        let g = x32.reshape((b, self.groups, ()))?;
+        let n = g.dim(2)? as f64;
+        let mean = (g.sum_keepdim(2)? / n)?;
+        let centered = g.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(2)? / n)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut shape = vec![1, c];
+        shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        normed
+            .reshape(dims.as_slice())?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(shape.as_slice())?)
+    }
+}
+
+/// LayerNorm over the last dimension; fused kernel only when no gradient is recorded.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if use_fused(x) && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+        } else {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+/// Multi-head scaled dot-product attention on (B, N, H·d) inputs.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?.reshape((b * heads, len, d))
+    };
+    let (qh, kh, vh) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let dtype = q.dtype();
+    // Scores in f32 for half-precision weights, like diffusers' upcast.
+    let (qh, kh) = match dtype {
+        DType::F16 | DType::BF16 => (qh.to_dtype(DType::F32)?, kh.to_dtype(DType::F32)?),
+        _ => (qh, kh),
+    };
+    let scores = (qh.matmul(&kh.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?,
+        None => scores,
+    };
+    let probs = softmax_last_dim(&scores.contiguous()?)?.to_dtype(dtype)?;
+    let out = probs.matmul(&vh)?;
+    out.reshape((b, heads, n, d))?.transpose(1, 2)?.contiguous()?.reshape((b, n, inner))
+}
+
+/// Activation functions named in model configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// Exact (erf) GELU, PyTorch's `F.gelu` default.
+    Gelu,
+    /// tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    QuickGelu,
+    Relu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            "relu" => Activation::Relu,
+            other => candle_core::bail!("unsupported activation `{other}`"),
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::Gelu => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn fd_check(f: impl Fn(&Tensor) -> Result<Tensor>, x0: &Tensor) {
+        let var = Var::from_tensor(x0).unwrap();
+        let y = f(var.as_tensor()).unwrap();
+        let grads = y.backward().unwrap();
+        let g =
+            grads.get(var.as_tensor()).expect("gradient must flow").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-6;
+        for idx in [0, base.len() / 2, base.len() - 1] {
+            let mut p = base.clone();
+            p[idx] += h;
+            let mut m = base.clone();
+            m[idx] -= h;
+            let fp = f(&Tensor::from_vec(p, x0.shape(), x0.device()).unwrap()).unwrap().to_scalar::<f64>().unwrap();
+            let fm = f(&Tensor::from_vec(m, x0.shape(), x0.device()).unwrap()).unwrap().to_scalar::<f64>().unwrap();
+            let fd = (fp - fm) / (2.0 * h);
+            assert!((fd - g[idx]).abs() <= 1e-6 * (1.0 + fd.abs()), "idx {idx}: fd {fd} autograd {}", g[idx]);
+        }
+    }
+
+    fn input(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|i| ((i * 37 % 101) as f64 / 50.0 - 1.0) * 1.3).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softmax_and_layer_norm_are_differentiable() {
+        let x = input(&[2, 3, 5]);
+        let w = input(&[5]);
+        let b = input(&[5]);
+        let ln = LayerNorm { weight: (w + 1.5).unwrap(), bias: b, eps: 1e-5 };
+        let weights = input(&[2, 3, 5]).sin().unwrap();
+        fd_check(|x| (softmax_last_dim(x)? * &weights)?.sum_all(), &x);
+        fd_check(|x| (ln.forward(x)? * &weights)?.sum_all(), &x);
+    }
+
+    #[test]
+    fn group_norm_and_attention_are_differentiable() {
+        let x = input(&[1, 4, 3, 3]);
+        let gn = GroupNorm { weight: input(&[4]), bias: input(&[4]), groups: 2, eps: 1e-6 };
+        let weights = input(&[1, 4, 3, 3]).cos().unwrap();
+        fd_check(|x| (gn.forward(x)? * &weights)?.sum_all(), &x);
+        let q = input(&[1, 3, 4]);
+        let wv = input(&[1, 3, 4]).sin().unwrap();
+        fd_check(|q| (attention(q, &q.sin()?, &q.cos()?, 2, None)? * &wv)?.sum_all(), &q);
+    }
+
+    #[test]
+    fn fused_and_composed_paths_agree() {
+        let x = input(&[2, 3, 8]).to_dtype(DType::F32).unwrap();
+        let ln = LayerNorm {
+            weight: input(&[8]).to_dtype(DType::F32).unwrap(),
+            bias: input(&[8]).to_dtype(DType::F32).unwrap(),
+            eps: 1e-5,
+        };
+        let fused = (softmax_last_dim(&x).unwrap(), ln.forward(&x).unwrap());
+        let composed = (
+            candle_nn::ops::softmax(&x, D::Minus1).unwrap(),
+            candle_nn::ops::layer_norm_slow(&x, &ln.weight, &ln.bias, 1e-5).unwrap(),
+        );
+        for (a, b) in [(fused.0, composed.0), (fused.1, composed.1)] {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "fused vs composed differ by {d}");
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! A Stable Diffusion pipeline directory (diffusers layout): CLIP tokenizer + text encoder,
+//! UNet, VAE and scheduler config. Covers SD 1.x, SD 2.x (v-prediction), SD-Turbo and
+//! LCM-distilled UNets.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result, Tensor};
+use serde::Deserialize;
+
+use super::clip_text::{ClipTextConfig, ClipTextModel};
+use super::tokenizer::ClipTokenizer;
+use super::unet_2d::{UNet2DConditionModel, UNet2DConfig};
+use super::vae::{AutoencoderKL, AutoencoderKLConfig};
+use super::weights::{in_component, load_component, read_config};
+use super::{DiffusionModel, ModelInfo, PromptEmbedding};
+use crate::error::{Result as TResult, TillerError};
+use crate::sampling::SchedulerConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    class_name: String,
+}
+
+/// Pipelines whose components this loader understands.
+const SUPPORTED_PIPELINES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "LatentConsistencyModelPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "AltDiffusionPipeline",
+];
+
+/// Options for loading a Stable Diffusion directory.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Weight-file variant infix (`fp16` → `diffusion_pytorch_model.fp16.safetensors`), used
+    /// when present.
+    pub variant: Option<String>,
+    /// Text features from `clip_skip` layers before the last (0 = as configured).
+    pub clip_skip: usize,
+}
+
+pub struct StableDiffusion {
+    info: ModelInfo,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    dtype: DType,
+    device: Device,
+    clip_skip: usize,
+    pub dir: PathBuf,
+}
+
+fn component_dir(root: &Path, name: &str) -> TResult<PathBuf> {
+    let d = root.join(name);
+    if !d.is_dir() {
+        return Err(TillerError::file(&d, format!("missing component directory `{name}/` (diffusers layout)")));
+    }
+    Ok(d)
+}
+
+impl StableDiffusion {
+    pub fn load(name: &str, dir: &Path, opts: &LoadOptions) -> TResult<Self> {
+        let index: ModelIndex = read_config(&dir.join("model_index.json"))?;
+        if !SUPPORTED_PIPELINES.contains(&index.class_name.as_str()) {
+            return Err(TillerError::file(
+                dir.join("model_index.json"),
+                format!(
+                    "pipeline `{}` is not supported (supported: {})",
+                    index.class_name,
+                    SUPPORTED_PIPELINES.join(", ")
+                ),
+            ));
+        }
+        let variant = opts.variant.as_deref();
+        let (dtype, device) = (opts.dtype, &opts.device);
+
+        let sched_path = component_dir(dir, "scheduler")?.join("scheduler_config.json");
+        let scheduler: SchedulerConfig = read_config(&sched_path)?;
+
+        let tokenizer = ClipTokenizer::from_dir(&component_dir(dir, "tokenizer")?)?;
+
+        let te_dir = component_dir(dir, "text_encoder")?;
+        let te_cfg: ClipTextConfig = read_config(&te_dir.join("config.json"))?;
+        let te_w = load_component(&te_dir, "model", variant, dtype, device)?;
+        let text_encoder = in_component(&te_dir, ClipTextModel::load(te_w.var_builder(), &te_cfg))?;
+
+        let unet_dir = component_dir(dir, "unet")?;
+        let unet_cfg: UNet2DConfig = read_config(&unet_dir.join("config.json"))?;
+        let unet_w = load_component(&unet_dir, "diffusion_pytorch_model", variant, dtype, device)?;
+        let unet = in_component(&unet_dir, UNet2DConditionModel::load(unet_w.var_builder(), &unet_cfg))?;
+
+        let vae_dir = component_dir(dir, "vae")?;
+        let vae_cfg: AutoencoderKLConfig = read_config(&vae_dir.join("config.json"))?;
+        let vae_w = load_component(&vae_dir, "diffusion_pytorch_model", variant, dtype, device)?;
+        let vae = in_component(&vae_dir, AutoencoderKL::load(vae_w.var_builder(), &vae_cfg))?;
+
+        if vae_cfg.latent_channels != unet_cfg.in_channels {
+            return Err(TillerError::file(
+                unet_dir.join("config.json"),
+                format!(
+                    "in_channels {} does not match the VAE's latent_channels {}",
+                    unet_cfg.in_channels, vae_cfg.latent_channels
+                ),
+            ));
+        }
+        let f = vae_cfg.scale_factor();
+        let side = unet_cfg.sample_size.unwrap_or(64) * f;
+        let info = ModelInfo {
+            name: name.to_string(),
+            family: "stable-diffusion".into(),
+            latent_channels: vae_cfg.latent_channels,
+            vae_scale_factor: f,
+            default_size: (side, side),
+            scheduler,
+            guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
+            max_prompt_tokens: tokenizer.max_len(),
+        };
+        Ok(Self {
+            info,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            dtype,
+            device: device.clone(),
+            clip_skip: opts.clip_skip,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids (B, L) for a batch of prompts, and which prompts were truncated.
+    pub fn tokenize(&self, prompts: &[String]) -> Result<(Tensor, Vec<usize>)> {
+        let mut ids = Vec::new();
+        let mut truncated = Vec::new();
+        let mut len = 0;
+        for (i, p) in prompts.iter().enumerate() {
+            let enc = self.tokenizer.encode(p);
+            if enc.truncated {
+                truncated.push(i);
+            }
+            len = enc.ids.len();
+            ids.extend(enc.ids);
+        }
+        Ok((Tensor::from_vec(ids, (prompts.len(), len), &self.device)?, truncated))
+    }
+}
+
+/// The LCM guidance-scale embedding: sinusoid of (scale − 1)·1000, [sin, cos].
+pub fn guidance_scale_embedding(guidance_scale: f64, dim: usize, batch: usize, device: &Device) -> Result<Tensor> {
+    let w = (guidance_scale - 1.0) * 1000.0;
+    let half = dim / 2;
+    let step = 10000f64.ln() / (half as f64 - 1.0);
+    let mut row: Vec<f32> = Vec::with_capacity(dim);
+    let args: Vec<f32> = (0..half).map(|j| (w as f32) * ((-(step * j as f64)).exp() as f32)).collect();
+    row.extend(args.iter().map(|a| a.sin()));
+    row.extend(args.iter().map(|a| a.cos()));
+    if dim % 2 == 1 {
+        row.push(0.0);
+    }
+    let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+    Tensor::from_vec(data, (batch, dim), device)
+}
+
+impl DiffusionModel for StableDiffusion {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbedding> {
+        let (ids, truncated) = self.tokenize(prompts)?;
+        let out = self.text_encoder.forward(&ids, self.clip_skip)?;
+        Ok(PromptEmbedding { hidden_states: out.hidden_states, pooled: Some(out.pooled), truncated })
+    }
+
+    fn guidance_embedding(&self, guidance_scale: f64, batch: usize) -> Result<Option<Tensor>> {
+        match self.unet.config().time_cond_proj_dim {
+            Some(dim) => Ok(Some(guidance_scale_embedding(guidance_scale, dim, batch, &self.device)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn predict(
+        &self,
+        x: &Tensor,
+        timestep: f64,
+        context: &PromptEmbedding,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let out = self.unet.forward(
+            &x.to_dtype(self.dtype)?,
+            timestep,
+            &context.hidden_states.to_dtype(self.dtype)?,
+            timestep_cond,
+        )?;
+        out.to_dtype(x.dtype())
+    }
+
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let c = self.vae.config();
+        let mut z = (latents / c.scaling_factor)?;
+        if let Some(shift) = c.shift_factor {
+            z = (z + shift)?;
+        }
+        let img = self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(latents.dtype())?;
+        ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)
+    }
+
+    fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
+        let x = ((images * 2.0)? - 1.0)?.to_dtype(self.dtype)?;
+        let c = self.vae.config();
+        let mut z = self.vae.encode_mean(&x)?.to_dtype(images.dtype())?;
+        if let Some(shift) = c.shift_factor {
+            z = (z - shift)?;
+        }
+        z * c.scaling_factor
+    }
+}

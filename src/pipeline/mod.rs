@@ -1,0 +1,304 @@
+//! Text-to-image generation: composes a [`DiffusionModel`], a [`Sampler`] and a guidance rule
+//! (classifier-free guidance, or the guidance embedding of LCM-distilled UNets).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+
+use crate::models::DiffusionModel;
+use crate::sampling::{build_sampler, NoiseSource, Sampler, SamplerKind, SeededNoise, TimestepSpacing};
+
+/// What a caller asks for; `None` fields take the model's defaults (see [`resolve`]).
+#[derive(Debug, Clone, Default)]
+pub struct GenerationParams {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub n: usize,
+    /// Image size in pixels; `None` = the model's default.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f64>,
+    pub scheduler: Option<SamplerKind>,
+    pub eta: Option<f64>,
+    pub seed: u64,
+    /// Unit-variance initial noise (n, C, H/f, W/f), diffusers' `latents` argument.
+    pub init_latents: Option<Tensor>,
+}
+
+/// Parameters after defaults were applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedParams {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub scheduler: SamplerKind,
+    pub eta: f64,
+}
+
+/// The sampler a model's scheduler config names (`_class_name`); schedulers tiller does not
+/// implement (PNDM, DPM-Solver, ...) fall back to DDIM on the same betas.
+pub fn default_sampler(model: &dyn DiffusionModel) -> SamplerKind {
+    match model.info().scheduler.class_name.as_str() {
+        "DDPMScheduler" => SamplerKind::Ddpm,
+        "EulerDiscreteScheduler" => SamplerKind::Euler,
+        "EulerAncestralDiscreteScheduler" => SamplerKind::EulerAncestral,
+        "LCMScheduler" => SamplerKind::Lcm,
+        _ => SamplerKind::Ddim,
+    }
+}
+
+/// Apply model defaults: LCM → 4 steps (guidance 8.5 through the embedding, 1.0 without one);
+/// trailing-spaced Euler (SD-Turbo) → 1 step without guidance; otherwise 50 steps at 7.5.
+pub fn resolve(model: &dyn DiffusionModel, p: &GenerationParams) -> ResolvedParams {
+    let info = model.info();
+    let scheduler = p.scheduler.unwrap_or_else(|| default_sampler(model));
+    let turbo = info.scheduler.timestep_spacing == Some(TimestepSpacing::Trailing)
+        && matches!(scheduler, SamplerKind::Euler | SamplerKind::EulerAncestral);
+    let (steps, guidance) = match scheduler {
+        SamplerKind::Lcm => (4, if info.guidance_embedding { 8.5 } else { 1.0 }),
+        _ if turbo => (1, 0.0),
+        _ => (50, 7.5),
+    };
+    ResolvedParams {
+        width: p.width.unwrap_or(info.default_size.1),
+        height: p.height.unwrap_or(info.default_size.0),
+        steps: p.steps.unwrap_or(steps),
+        guidance_scale: p.guidance_scale.unwrap_or(guidance),
+        scheduler,
+        eta: p.eta.unwrap_or(0.0),
+    }
+}
+
+/// Progress reported after every denoising step. Returning `false` cancels the generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub step: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub encode_ms: f64,
+    pub denoise_ms: f64,
+    pub decode_ms: f64,
+}
+
+#[derive(Debug)]
+pub struct GenerationOutput {
+    /// Final latents (before VAE scaling and decode), (n, C, h, w).
+    pub latents: Tensor,
+    /// Decoded images in [0, 1], (n, 3, H, W) f32.
+    pub images: Tensor,
+    /// Seed of each image: image i of a request with seed s is image 0 of seed s + i.
+    pub seeds: Vec<u64>,
+    pub params: ResolvedParams,
+    /// Denoiser evaluations, counting each CFG branch.
+    pub denoiser_evals: usize,
+    pub timings: Timings,
+    /// True when the prompt (or negative prompt) was cut at the tokenizer's maximum length.
+    pub prompt_truncated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    #[error("cancelled at step {0}")]
+    Cancelled(usize),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// One independent seeded generator per image, so an image's noise does not depend on `n`.
+pub struct PerImageNoise {
+    gens: Vec<SeededNoise>,
+}
+
+impl PerImageNoise {
+    pub fn new(seed: u64, n: usize) -> Self {
+        Self { gens: (0..n as u64).map(|i| SeededNoise::new(seed.wrapping_add(i))).collect() }
+    }
+}
+
+impl NoiseSource for PerImageNoise {
+    fn next(&mut self, shape: &Shape, device: &Device) -> Result<Tensor> {
+        let dims = shape.dims();
+        if dims.first() != Some(&self.gens.len()) {
+            candle_core::bail!("noise shape {dims:?} does not match {} images", self.gens.len());
+        }
+        let per = shape.elem_count() / self.gens.len();
+        let mut v = Vec::with_capacity(shape.elem_count());
+        for g in self.gens.iter_mut() {
+            v.extend(g.sample_vec(per));
+        }
+        Tensor::from_vec(v, shape.clone(), device)
+    }
+}
+
+/// Prompt conditioning for one request, with the guidance rule resolved.
+pub struct Conditioning {
+    /// (n or 2n, L, D): [uncond; cond] when `cfg` is set.
+    pub context: crate::models::PromptEmbedding,
+    pub timestep_cond: Option<Tensor>,
+    pub guidance_scale: f64,
+    pub cfg: bool,
+    pub truncated: bool,
+}
+
+impl Conditioning {
+    pub fn new(
+        model: &dyn DiffusionModel,
+        prompt: &str,
+        negative: Option<&str>,
+        guidance_scale: f64,
+        n: usize,
+    ) -> Result<Self> {
+        let embedded = model.info().guidance_embedding;
+        let cfg = guidance_scale > 1.0 && !embedded;
+        let prompts: Vec<String> =
+            if cfg { vec![negative.unwrap_or("").to_string(), prompt.to_string()] } else { vec![prompt.to_string()] };
+        let emb = model.encode_prompts(&prompts)?;
+        let truncated = !emb.truncated.is_empty();
+        // Repeat each prompt's embedding n times: [uncond x n, cond x n].
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            let rows: Vec<Tensor> = (0..prompts.len())
+                .flat_map(|p| std::iter::repeat_n(p, n))
+                .map(|p| t.narrow(0, p, 1))
+                .collect::<Result<_>>()?;
+            Tensor::cat(&rows, 0)
+        };
+        let context = crate::models::PromptEmbedding {
+            hidden_states: repeat(&emb.hidden_states)?,
+            pooled: emb.pooled.as_ref().map(repeat).transpose()?,
+            truncated: emb.truncated,
+        };
+        let timestep_cond = if embedded { model.guidance_embedding(guidance_scale, n)? } else { None };
+        Ok(Self { context, timestep_cond, guidance_scale, cfg, truncated })
+    }
+
+    /// Number of denoiser evaluations per latent per step.
+    pub fn evals_per_latent(&self) -> usize {
+        if self.cfg {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Guided model output for a batch of latents `x` (already scaled for the model).
+    /// The conditioning must have been built for `x.dim(0)` latents.
+    pub fn predict(&self, model: &dyn DiffusionModel, x: &Tensor, t: f64) -> Result<Tensor> {
+        if self.cfg {
+            let x2 = Tensor::cat(&[x, x], 0)?;
+            let out = model.predict(&x2, t, &self.context, self.timestep_cond.as_ref())?;
+            let n = x.dim(0)?;
+            let uncond = out.narrow(0, 0, n)?;
+            let cond = out.narrow(0, n, n)?;
+            let diff = (cond - &uncond)?;
+            uncond + (diff * self.guidance_scale)?
+        } else {
+            model.predict(x, t, &self.context, self.timestep_cond.as_ref())
+        }
+    }
+}
+
+/// Latent shape (n, C, H/f, W/f); errors when the size is not a multiple of the VAE factor.
+pub fn latent_shape(
+    model: &dyn DiffusionModel,
+    n: usize,
+    height: usize,
+    width: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let info = model.info();
+    let f = info.vae_scale_factor;
+    if height % f != 0 || width % f != 0 {
+        candle_core::bail!("image size {width}x{height} must be a multiple of {f}");
+    }
+    Ok((n, info.latent_channels, height / f, width / f))
+}
+
+/// Run the sampling loop from unit-variance `init` noise; returns the final latents.
+pub fn sample_latents(
+    model: &dyn DiffusionModel,
+    sampler: &dyn Sampler,
+    cond: &Conditioning,
+    init: &Tensor,
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> std::result::Result<(Tensor, usize), GenerationError> {
+    let mut x = (init * sampler.init_noise_sigma())?;
+    let mut evals = 0;
+    let total = sampler.num_steps();
+    for i in 0..total {
+        let t = sampler.timestep(i);
+        let x_in = sampler.scale_model_input(&x, i)?;
+        let out = cond.predict(model, &x_in, t)?;
+        evals += x.dim(0)? * cond.evals_per_latent();
+        let z = if sampler.step_needs_noise(i) { Some(noise.next(x.shape(), x.device())?) } else { None };
+        x = sampler.step(&x, &out, i, z.as_ref())?;
+        if !progress(Progress { step: i + 1, total }) {
+            return Err(GenerationError::Cancelled(i + 1));
+        }
+    }
+    Ok((x, evals))
+}
+
+/// Full text-to-image generation with the seeded per-image noise.
+pub fn generate(
+    model: &dyn DiffusionModel,
+    p: &GenerationParams,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> std::result::Result<GenerationOutput, GenerationError> {
+    let mut noise = PerImageNoise::new(p.seed, p.n.max(1));
+    generate_with_noise(model, p, &mut noise, progress)
+}
+
+/// Generation with an explicit noise source (initial latents drawn from it unless given).
+pub fn generate_with_noise(
+    model: &dyn DiffusionModel,
+    p: &GenerationParams,
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> std::result::Result<GenerationOutput, GenerationError> {
+    let n = p.n.max(1);
+    let params = resolve(model, p);
+    let device = model.device().clone();
+    let shape = latent_shape(model, n, params.height, params.width)?;
+    let init = match &p.init_latents {
+        Some(t) => {
+            if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
+                return Err(candle_core::Error::Msg(format!(
+                    "init_latents has shape {:?}, expected {:?}",
+                    t.dims(),
+                    shape
+                ))
+                .into());
+            }
+            t.to_dtype(DType::F32)?.to_device(&device)?
+        }
+        None => noise.next(&Shape::from(shape), &device)?,
+    };
+    let sampler = build_sampler(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+
+    let t0 = Instant::now();
+    let cond = Conditioning::new(model, &p.prompt, p.negative_prompt.as_deref(), params.guidance_scale, n)?;
+    let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let t1 = Instant::now();
+    let (latents, evals) = sample_latents(model, sampler.as_ref(), &cond, &init, noise, progress)?;
+    let denoise_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+    let t2 = Instant::now();
+    let images = model.decode(&latents)?;
+    let decode_ms = t2.elapsed().as_secs_f64() * 1e3;
+
+    Ok(GenerationOutput {
+        latents,
+        images,
+        seeds: (0..n as u64).map(|i| p.seed.wrapping_add(i)).collect(),
+        params,
+        denoiser_evals: evals,
+        timings: Timings { encode_ms, denoise_ms, decode_ms },
+        prompt_truncated: cond.truncated,
+    })
+}
