@@ -6,6 +6,7 @@
 //! [`DiffusionModel`], so samplers and steering strategies never know which one they drive.
 
 pub mod clip_text;
+pub mod cpu_kernels;
 pub mod loader;
 pub mod nn;
 pub mod random_init;

@@ -25,7 +25,10 @@ fn use_fused(x: &Tensor) -> bool {
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if use_fused(x) {
-        candle_nn::ops::softmax_last_dim(x)
+        match super::cpu_kernels::softmax_last_dim(x) {
+            Some(r) => r,
+            None => candle_nn::ops::softmax_last_dim(x),
+        }
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
     }
@@ -128,6 +131,11 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if use_fused(x) {
+            if let Some(r) = super::cpu_kernels::group_norm(x, &self.weight, &self.bias, self.groups, self.eps) {
+                return r;
+            }
+        }
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);

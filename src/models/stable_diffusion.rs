@@ -154,7 +154,7 @@ impl StableDiffusion {
         let mut truncated = Vec::new();
         let mut len = 0;
         for (i, p) in prompts.iter().enumerate() {
-            let enc = self.tokenizer.encode(p);
+            let enc = self.tokenizer.encode(p).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             if enc.truncated {
                 truncated.push(i);
             }

@@ -1,0 +1,138 @@
+//! Fast CPU forward kernels for ops whose candle CPU versions are slow (GroupNorm is several
+//! strided broadcast passes; softmax spends its time in scalar `exp`). They have no backward:
+//! `nn` uses them only when no gradient is being recorded, and falls back to composed ops
+//! otherwise (and on other devices or dtypes).
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+fn cpu_f32(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+/// GroupNorm on (N, C, ...) f32 CPU tensors. `None` when the fast path does not apply.
+pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) || !cpu_f32(weight) || !cpu_f32(bias) {
+        return None;
+    }
+    Some((|| {
+        let dims = x.dims().to_vec();
+        let (n, c) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let cpg = c / groups;
+        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+        let w = weight.to_vec1::<f32>()?;
+        let b = bias.to_vec1::<f32>()?;
+        let span = cpg * spatial;
+        data.par_chunks_mut(span).enumerate().for_each(|(i, chunk)| {
+            let g = i % groups;
+            let len = chunk.len() as f64;
+            let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / len;
+            let var = chunk.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (k, ch) in chunk.chunks_mut(spatial).enumerate() {
+                let cc = g * cpg + k;
+                let scale = (inv * w[cc] as f64) as f32;
+                let shift = (b[cc] as f64 - mean * inv * w[cc] as f64) as f32;
+                for v in ch.iter_mut() {
+                    *v = *v * scale + shift;
+                }
+            }
+        });
+        debug_assert_eq!(data.len(), n * c * spatial);
+        Tensor::from_vec(data, dims, x.device())
+    })())
+}
+
+/// exp(x) for f32 via 2^i · e^y with i = round(x·log2 e) and |y| ≤ ln2/2, e^y by its degree-7
+/// Taylor polynomial (truncation error < 1e-8): accurate to a few ulp, and it vectorises.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let i = (x * std::f32::consts::LOG2_E).round();
+    // Cody–Waite: ln 2 split in a part exact in f32 and a correction, so y keeps its bits.
+    let y = (x - i * 0.693_145_75) - i * 1.428_606_8e-6;
+    let p = 1.0
+        + y * (1.0
+            + y * (0.5
+                + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0 + y * (1.0 / 5040.0)))))));
+    let bits = ((i as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// Softmax over the last dimension of an f32 CPU tensor. `None` when the fast path does not
+/// apply.
+pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) {
+        return None;
+    }
+    Some((|| {
+        let dims = x.dims().to_vec();
+        let len = *dims.last().unwrap_or(&1);
+        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+        data.par_chunks_mut(len.max(1) * 64).for_each(|rows| {
+            for row in rows.chunks_mut(len.max(1)) {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if m == f32::NEG_INFINITY {
+                    row.iter_mut().for_each(|v| *v = f32::NAN);
+                    continue;
+                }
+                let mut sum = 0f32;
+                for v in row.iter_mut() {
+                    *v = fast_exp(*v - m);
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+        Tensor::from_vec(data, dims, x.device())
+    })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -80.0f32;
+        while x <= 0.0 {
+            let rel = ((fast_exp(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            worst = worst.max(rel);
+            x += 0.001;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn kernels_match_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (2, 8, 5, 7), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 8, &dev).unwrap();
+        let fast = group_norm(&x, &w, &b, 4, 1e-5).unwrap().unwrap();
+        let g = x.reshape((2, 4, 70)).unwrap();
+        let mean = g.mean_keepdim(2).unwrap();
+        let c = g.broadcast_sub(&mean).unwrap();
+        let var = c.sqr().unwrap().mean_keepdim(2).unwrap();
+        let slow = c
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape((2, 8, 5, 7))
+            .unwrap()
+            .broadcast_mul(&w.reshape((1, 8, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 8, 1, 1)).unwrap())
+            .unwrap();
+        let d: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-5, "group norm differs by {d}");
+
+        let s = Tensor::randn(0f32, 4.0, (3, 5, 33), &dev).unwrap();
+        let fast = softmax_last_dim(&s).unwrap().unwrap();
+        let slow = candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap();
+        let d: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-6, "softmax differs by {d}");
+    }
+}
