@@ -90,6 +90,38 @@ pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
     })())
 }
 
+/// erf evaluated in f64 with Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7.
+#[inline(always)]
+fn erf(x: f64) -> f64 {
+    let s = x.signum();
+    let a = x.abs();
+    if a > 6.0 {
+        return s;
+    }
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let e = (-a * a).exp();
+    s * (1.0 - poly * e)
+}
+
+/// GELU with the exact erf form (PyTorch's default `F.gelu`) on an f32 CPU tensor.
+pub fn gelu_erf(x: &Tensor) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) {
+        return None;
+    }
+    Some((|| {
+        let dims = x.dims().to_vec();
+        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+        data.par_chunks_mut(4096).for_each(|c| {
+            for v in c.iter_mut() {
+                let z = *v as f64;
+                *v = (0.5 * z * (1.0 + erf(z * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+            }
+        });
+        Tensor::from_vec(data, dims, x.device())
+    })())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +136,15 @@ mod tests {
             x += 0.001;
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn gelu_matches_candle_erf_gelu() {
+        let x = Tensor::randn(0f32, 3.0, (7, 1000), &Device::Cpu).unwrap();
+        let fast = gelu_erf(&x).unwrap().unwrap();
+        let slow = x.gelu_erf().unwrap();
+        let d: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 2e-6, "gelu differs by {d}");
     }
 
     #[test]

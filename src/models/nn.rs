@@ -19,7 +19,7 @@ pub fn set_fused_ops(enabled: bool) {
 }
 
 fn use_fused(x: &Tensor) -> bool {
-    FUSED_OPS.load(Ordering::Relaxed) && !x.track_op() && x.is_contiguous()
+    FUSED_OPS.load(Ordering::Relaxed) && !x.track_op()
 }
 
 /// Softmax over the last dimension.
@@ -27,11 +27,21 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if use_fused(x) {
         match super::cpu_kernels::softmax_last_dim(x) {
             Some(r) => r,
-            None => candle_nn::ops::softmax_last_dim(x),
+            None => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
         }
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
     }
+}
+
+/// Exact (erf) GELU; the fast CPU kernel when no gradient is recorded.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        if let Some(r) = super::cpu_kernels::gelu_erf(x) {
+            return r;
+        }
+    }
+    x.gelu_erf()
 }
 
 /// Fully connected layer `y = x Wᵀ + b` on inputs of any rank.
@@ -176,7 +186,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if use_fused(x) && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         } else {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         }
@@ -235,7 +245,7 @@ impl Activation {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::Silu => x.silu(),
-            Activation::Gelu => x.gelu_erf(),
+            Activation::Gelu => gelu_erf(x),
             Activation::GeluTanh => x.gelu(),
             Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Activation::Relu => x.relu(),

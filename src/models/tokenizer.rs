@@ -99,7 +99,7 @@ impl SpecialTokens {
             }
             if let Some(m) = v.get("model_max_length").and_then(|m| m.as_f64()) {
                 // transformers writes a huge sentinel when unset; CLIP's limit is 77.
-                if m >= 3.0 && m <= 1e6 {
+                if (3.0..=1e6).contains(&m) {
                     s.max_len = m as usize;
                 }
             }
@@ -292,7 +292,7 @@ mod tests {
         assert_eq!(t.max_len(), 8);
         assert_eq!(t.pad_id(), t.eos_id());
         let e = t.encode("  RED\tCat!").unwrap();
-        let want = vec![t.bos_id(), id(&t, "red</w>"), id(&t, "cat</w>"), id(&t, "!</w>"), t.eos_id()];
+        let want = [t.bos_id(), id(&t, "red</w>"), id(&t, "cat</w>"), id(&t, "!</w>"), t.eos_id()];
         assert_eq!(&e.ids[..5], &want[..]);
         assert_eq!(&e.ids[5..], &[t.pad_id(); 3]);
         assert!(!e.truncated);

@@ -282,7 +282,7 @@ impl TransformerBlock {
         let half = proj.dim(2)? / 2;
         let hidden = proj.narrow(2, 0, half)?;
         let gate = proj.narrow(2, half, half)?;
-        let ff = self.ff_out.forward(&(hidden * gate.gelu_erf()?)?)?;
+        let ff = self.ff_out.forward(&(hidden * super::nn::gelu_erf(&gate)?)?)?;
         x + ff
     }
 }

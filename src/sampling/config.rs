@@ -58,12 +58,107 @@ pub struct SchedulerConfig {
     pub original_inference_steps: Option<usize>,
     #[serde(default)]
     pub timestep_scaling: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub rescale_betas_zero_snr: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub use_karras_sigmas: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub thresholding: bool,
+    /// Dynamic thresholding percentile (diffusers default 0.995).
+    #[serde(default)]
+    pub dynamic_thresholding_ratio: Option<f64>,
+    /// Upper bound of the dynamic threshold (diffusers default 1.0).
+    #[serde(default)]
+    pub sample_max_value: Option<f64>,
+    /// DDPM variance type; None = "fixed_small" (the class default).
+    #[serde(default)]
+    pub variance_type: Option<String>,
+    /// Euler sigma interpolation; None = "linear". Only "linear" is supported.
+    #[serde(default)]
+    pub interpolation_type: Option<String>,
+    /// Euler final sigma; None = "zero". Only "zero" is supported.
+    #[serde(default)]
+    pub final_sigmas_type: Option<String>,
+    /// Euler timestep type; None = "discrete". Only "discrete" is supported.
+    #[serde(default)]
+    pub timestep_type: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub use_exponential_sigmas: bool,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub use_beta_sigmas: bool,
+}
+
+/// diffusers configs sometimes write `null` for boolean options.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl Default for SchedulerConfig {
+    /// The defaults of diffusers' DDIM/DDPM/Euler classes (linear betas 1e-4 → 0.02).
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("empty scheduler config")
+    }
+}
+
+impl SchedulerConfig {
+    /// Parse `scheduler_config.json`. Keys the file lacks take the defaults of its `_class_name`
+    /// (the beta defaults differ for `LCMScheduler`: scaled_linear 0.00085 → 0.012).
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let mut cfg: SchedulerConfig = serde_json::from_value(value.clone())?;
+        if cfg.class_name == "LCMScheduler" {
+            let has = |k: &str| value.get(k).is_some_and(|v| !v.is_null());
+            if !has("beta_start") {
+                cfg.beta_start = 0.00085;
+            }
+            if !has("beta_end") {
+                cfg.beta_end = 0.012;
+            }
+            if !has("beta_schedule") {
+                cfg.beta_schedule = "scaled_linear".into();
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Read and parse a `scheduler_config.json` file.
+    pub fn from_file(path: &std::path::Path) -> crate::error::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| crate::error::TillerError::file(path, format!("cannot read scheduler config: {e}")))?;
+        Self::from_json(&text)
+            .map_err(|e| crate::error::TillerError::file(path, format!("malformed scheduler config: {e}")))
+    }
+
+    /// The scheduler config Stable Diffusion 1.x ships with (PNDM on scaled_linear betas,
+    /// `steps_offset` 1, `set_alpha_to_one` false, no `timestep_spacing` key).
+    pub fn stable_diffusion() -> Self {
+        SchedulerConfig {
+            class_name: "PNDMScheduler".into(),
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            steps_offset: 1,
+            set_alpha_to_one: Some(false),
+            clip_sample: Some(false),
+            ..Default::default()
+        }
+    }
+
+    /// The sampler kind a diffusers class name maps to (None for classes tiller does not implement).
+    pub fn kind_for_class(class_name: &str) -> Option<SamplerKind> {
+        match class_name {
+            "DDIMScheduler" => Some(SamplerKind::Ddim),
+            "DDPMScheduler" => Some(SamplerKind::Ddpm),
+            "EulerDiscreteScheduler" => Some(SamplerKind::Euler),
+            "EulerAncestralDiscreteScheduler" => Some(SamplerKind::EulerAncestral),
+            "LCMScheduler" => Some(SamplerKind::Lcm),
+            _ => None,
+        }
+    }
 }
 
 fn default_train_steps() -> usize {

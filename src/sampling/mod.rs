@@ -5,10 +5,21 @@
 //! NOTE for implementers: this file fixes the interface; see the submodules for each sampler.
 
 pub mod config;
+pub mod ddim;
+pub mod ddpm;
+pub mod euler;
+pub mod lcm;
 pub mod noise;
+pub mod schedule;
+pub mod vp;
 
 pub use config::{SamplerKind, SchedulerConfig, TimestepSpacing};
+pub use ddim::Ddim;
+pub use ddpm::{Ddpm, DdpmVariance};
+pub use euler::Euler;
+pub use lcm::Lcm;
 pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
+pub use schedule::NoiseSchedule;
 
 use candle_core::{Result, Tensor};
 
@@ -50,10 +61,157 @@ pub trait Sampler: Send + Sync {
     fn is_stochastic(&self) -> bool {
         (0..self.num_steps()).any(|i| self.step_needs_noise(i))
     }
+
+    /// The σ schedule of σ-space samplers (Euler): one σ per step plus the final 0;
+    /// `None` for ᾱ-space samplers.
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// All timesteps, noisiest first (diffusers `scheduler.timesteps`).
+    fn timesteps(&self) -> Vec<f64> {
+        (0..self.num_steps()).map(|i| self.timestep(i)).collect()
+    }
 }
 
-/// Build the sampler `kind` for `steps` inference steps on the betas of `cfg`.
+/// The timestep spacing a sampler class uses when the config has no `timestep_spacing` key
+/// (DDIM/DDPM: "leading", Euler/Euler-ancestral: "linspace"; LCM has its own schedule).
+pub fn default_spacing(kind: SamplerKind) -> TimestepSpacing {
+    match kind {
+        SamplerKind::Ddim | SamplerKind::Ddpm | SamplerKind::Lcm => TimestepSpacing::Leading,
+        SamplerKind::Euler | SamplerKind::EulerAncestral => TimestepSpacing::Linspace,
+    }
+}
+
+/// The spacing `kind` uses with `cfg`.
+pub fn effective_spacing(kind: SamplerKind, cfg: &SchedulerConfig) -> TimestepSpacing {
+    cfg.timestep_spacing.unwrap_or_else(|| default_spacing(kind))
+}
+
+fn lcm_original_steps(cfg: &SchedulerConfig) -> usize {
+    cfg.original_inference_steps.unwrap_or(50)
+}
+
+/// Check request parameters against a sampler and scheduler config. Errors name the field
+/// (`steps`, `eta`, `scheduler`) and are meant for a 422 answer.
+pub fn check_params(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta: f64) -> crate::error::Result<()> {
+    use crate::error::TillerError;
+    let max = match kind {
+        SamplerKind::Lcm => lcm_original_steps(cfg).min(cfg.num_train_timesteps),
+        _ => cfg.num_train_timesteps,
+    };
+    if steps == 0 {
+        return Err(TillerError::field("steps", "must be at least 1"));
+    }
+    if steps > max {
+        let what = if kind == SamplerKind::Lcm { "LCM's original_inference_steps" } else { "num_train_timesteps" };
+        return Err(TillerError::field("steps", format!("{steps} exceeds {what} ({max})")));
+    }
+    if !(0.0..=1.0).contains(&eta) {
+        return Err(TillerError::field("eta", format!("must be in [0, 1], got {eta}")));
+    }
+    let unsupported = |what: String| Err(TillerError::field("scheduler", format!("{what} is not supported")));
+    if matches!(kind, SamplerKind::Euler) {
+        if cfg.use_karras_sigmas || cfg.use_exponential_sigmas || cfg.use_beta_sigmas {
+            return unsupported("Karras/exponential/beta sigmas".into());
+        }
+        if let Some(t) = cfg.interpolation_type.as_deref().filter(|t| *t != "linear") {
+            return unsupported(format!("interpolation_type `{t}`"));
+        }
+        if let Some(t) = cfg.final_sigmas_type.as_deref().filter(|t| *t != "zero") {
+            return unsupported(format!("final_sigmas_type `{t}`"));
+        }
+        if let Some(t) = cfg.timestep_type.as_deref().filter(|t| *t != "discrete") {
+            return unsupported(format!("timestep_type `{t}`"));
+        }
+    }
+    if kind == SamplerKind::Ddpm {
+        ddpm_variance(cfg).map_err(|m| TillerError::field("scheduler", m))?;
+    }
+    Ok(())
+}
+
+fn ddpm_variance(cfg: &SchedulerConfig) -> std::result::Result<DdpmVariance, String> {
+    match cfg.variance_type.as_deref().unwrap_or("fixed_small") {
+        "fixed_small" | "fixed_small_log" => Ok(DdpmVariance::FixedSmall),
+        "fixed_large" => Ok(DdpmVariance::FixedLarge),
+        other => Err(format!("DDPM variance_type `{other}` is not supported")),
+    }
+}
+
+fn x0_processing(kind: SamplerKind, cfg: &SchedulerConfig) -> vp::X0Processing {
+    let clip_default = kind != SamplerKind::Lcm; // DDIM/DDPM default clip_sample=true, LCM false
+    if cfg.thresholding {
+        vp::X0Processing::Threshold {
+            ratio: cfg.dynamic_thresholding_ratio.unwrap_or(0.995),
+            max: cfg.sample_max_value.unwrap_or(1.0),
+        }
+    } else if cfg.clip_sample.unwrap_or(clip_default) {
+        vp::X0Processing::Clip(cfg.clip_sample_range)
+    } else {
+        vp::X0Processing::None
+    }
+}
+
+fn to_usize_timesteps(ts: Vec<i64>, num_train: usize) -> Result<Vec<usize>> {
+    ts.into_iter()
+        .map(|t| {
+            if t < 0 || t as usize >= num_train {
+                candle_core::bail!("timestep {t} outside [0, {num_train}) (check steps_offset and steps)")
+            }
+            Ok(t as usize)
+        })
+        .collect()
+}
+
+/// Build the sampler `kind` for `steps` inference steps on the betas of `cfg`, with the class
+/// defaults of `kind` for keys the config lacks (as diffusers' `from_config` does).
 pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta: f64) -> Result<Box<dyn Sampler>> {
-    let _ = (kind, cfg, steps, eta);
-    candle_core::bail!("samplers not implemented yet")
+    check_params(kind, cfg, steps, eta).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let schedule =
+        NoiseSchedule::from_config(cfg).map_err(|m| candle_core::Error::Msg(format!("scheduler config: {m}")))?;
+    let n_train = cfg.num_train_timesteps;
+    let spacing = effective_spacing(kind, cfg);
+    let pred = cfg.prediction_type;
+    Ok(match kind {
+        SamplerKind::Ddim => {
+            let ts = schedule::integer_timesteps(spacing, n_train, steps, cfg.steps_offset);
+            let ts = to_usize_timesteps(ts, n_train)?;
+            let alpha_one = cfg.set_alpha_to_one.unwrap_or(true);
+            Box::new(Ddim::new(&schedule, ts, alpha_one, eta, pred, x0_processing(kind, cfg)))
+        }
+        SamplerKind::Ddpm => {
+            let ts = schedule::integer_timesteps(spacing, n_train, steps, cfg.steps_offset);
+            let ts = to_usize_timesteps(ts, n_train)?;
+            let var = ddpm_variance(cfg).map_err(candle_core::Error::Msg)?;
+            Box::new(Ddpm::new(&schedule, ts, var, pred, x0_processing(kind, cfg)))
+        }
+        SamplerKind::Euler | SamplerKind::EulerAncestral => {
+            let ts = schedule::float_timesteps(spacing, n_train, steps, cfg.steps_offset);
+            if ts.len() != steps {
+                candle_core::bail!("{spacing:?} spacing gives {} timesteps for {steps} steps", ts.len());
+            }
+            let mut full = schedule.sigmas_f32();
+            if cfg.rescale_betas_zero_snr {
+                // diffusers sets ᾱ[-1] = 2^-24 for Euler so σ_max stays finite
+                let a = 2f32.powi(-24);
+                *full.last_mut().unwrap() = ((1.0 - a) / a).sqrt();
+            }
+            let mut sigmas: Vec<f64> = ts.iter().map(|&t| schedule::np_interp_index(t, &full) as f32 as f64).collect();
+            sigmas.push(0.0);
+            let leading = spacing == TimestepSpacing::Leading;
+            Box::new(Euler::new(ts, sigmas, leading, kind == SamplerKind::EulerAncestral, pred))
+        }
+        SamplerKind::Lcm => {
+            let orig = lcm_original_steps(cfg);
+            let ts = to_usize_timesteps(schedule::lcm_timesteps(n_train, orig, steps), n_train)?;
+            let scaling = cfg.timestep_scaling.unwrap_or(10.0);
+            Box::new(Lcm::new(&schedule, ts, scaling, pred, x0_processing(kind, cfg)))
+        }
+    })
+}
+
+/// The timesteps `kind` uses for `steps` steps with `cfg` (diffusers `scheduler.timesteps`).
+pub fn timesteps_for(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize) -> Result<Vec<f64>> {
+    Ok(build_sampler(kind, cfg, steps, 0.0)?.timesteps())
 }
