@@ -105,6 +105,12 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if use_fused(x) {
+            if let Some(r) = super::cpu_kernels::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+            {
+                return r;
+            }
+        }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
