@@ -138,7 +138,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("norm_num_groups {groups} does not divide {channels} channels");
         }
         Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })

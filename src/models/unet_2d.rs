@@ -306,7 +306,7 @@ impl Transformer2D {
         linear: bool,
         only_cross: bool,
     ) -> Result<Self> {
-        if heads == 0 || channels % heads != 0 {
+        if heads == 0 || !channels.is_multiple_of(heads) {
             candle_core::bail!("{heads} attention heads do not divide {channels} channels");
         }
         let head_dim = channels / heads;

@@ -176,9 +176,9 @@ impl AutoencoderKL {
             let evb = vb.pp("encoder");
             let mut blocks = Vec::new();
             let mut out_c = boc[0];
-            for i in 0..n {
+            for (i, &ch) in boc.iter().enumerate() {
                 let in_c = out_c;
-                out_c = boc[i];
+                out_c = ch;
                 let bvb = evb.pp("down_blocks").pp(i.to_string());
                 let resnets = (0..c.layers_per_block)
                     .map(|j| {
@@ -217,9 +217,9 @@ impl AutoencoderKL {
         let rev: Vec<usize> = boc.iter().rev().copied().collect();
         let mut blocks = Vec::new();
         let mut out_c = rev[0];
-        for i in 0..n {
+        for (i, &ch) in rev.iter().enumerate() {
             let prev = out_c;
-            out_c = rev[i];
+            out_c = ch;
             let bvb = dvb.pp("up_blocks").pp(i.to_string());
             let resnets = (0..c.layers_per_block + 1)
                 .map(|j| {

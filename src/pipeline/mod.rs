@@ -211,7 +211,7 @@ pub fn latent_shape(
 ) -> Result<(usize, usize, usize, usize)> {
     let info = model.info();
     let f = info.vae_scale_factor;
-    if height % f != 0 || width % f != 0 {
+    if !height.is_multiple_of(f) || !width.is_multiple_of(f) {
         candle_core::bail!("image size {width}x{height} must be a multiple of {f}");
     }
     Ok((n, info.latent_channels, height / f, width / f))
