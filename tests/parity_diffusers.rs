@@ -204,3 +204,19 @@ fn every_sampler_run_matches_diffusers() {
         println!("  {name:<40} {w:.2e}");
     }
 }
+
+/// The composed (differentiable) ops give the same numbers as the fused inference kernels.
+/// Flipping the switch is safe while other tests run: both paths compute the same function.
+#[test]
+fn composed_ops_match_diffusers_too() {
+    let model = load_model("sd2-tiny", None);
+    let (t, _) = refs("unet_sd2-tiny");
+    let (v, _) = refs("vae_sd2-tiny");
+    let ctx = PromptEmbedding { hidden_states: t["encoder_hidden_states"].clone(), pooled: None, truncated: vec![] };
+    tiller::models::nn::set_fused_ops(false);
+    let out = model.predict(&t["sample"], 751.0, &ctx, None);
+    let decoded = model.vae().decode(&v["z"]);
+    tiller::models::nn::set_fused_ops(true);
+    assert_close("sd2-tiny unet, composed ops", &out.unwrap(), &t["out_t751"]);
+    assert_close("sd2-tiny vae decode, composed ops", &decoded.unwrap(), &v["decoded"]);
+}
