@@ -49,7 +49,10 @@ pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     let x = x.max(-87.0);
-    let i = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest by the 1.5·2^23 trick: `f32::round` is a libm call without SSE4.1 and
+    // would stop the loop from vectorising.
+    const MAGIC: f32 = 12_582_912.0;
+    let i = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     // Cody–Waite: ln 2 split in a part exact in f32 and a correction, so y keeps its bits.
     let y = (x - i * 0.693_145_75) - i * 1.428_606_8e-6;
     let p = 1.0
@@ -58,6 +61,24 @@ fn fast_exp(x: f32) -> f32 {
                 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0 + y * (1.0 / 5040.0)))))));
     let bits = ((i as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
+}
+
+/// Reduce with 8 independent lanes (vectorisable), then combine the lanes.
+#[inline(always)]
+fn lanes_reduce(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] = f(acc[j], c[j]);
+        }
+    }
+    let mut r = rest.iter().fold(init, |a, &b| f(a, b));
+    for a in acc {
+        r = f(r, a);
+    }
+    r
 }
 
 /// Softmax over the last dimension of an f32 CPU tensor. `None` when the fast path does not
@@ -72,17 +93,15 @@ pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
         let mut data = x.flatten_all()?.to_vec1::<f32>()?;
         data.par_chunks_mut(len.max(1) * 64).for_each(|rows| {
             for row in rows.chunks_mut(len.max(1)) {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // Separate passes with 8 independent accumulators, so each one vectorises
+                // (a single running max/sum is a serial float reduction LLVM will not reorder).
+                let m = lanes_reduce(row, f32::NEG_INFINITY, f32::max);
                 if m == f32::NEG_INFINITY {
                     row.iter_mut().for_each(|v| *v = f32::NAN);
                     continue;
                 }
-                let mut sum = 0f32;
-                for v in row.iter_mut() {
-                    *v = fast_exp(*v - m);
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v = fast_exp(*v - m));
+                let inv = 1.0 / lanes_reduce(row, 0.0, |a, b| a + b);
                 row.iter_mut().for_each(|v| *v *= inv);
             }
         });
@@ -169,7 +188,7 @@ fn erf(x: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly =
         t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    let e = (-a * a).exp();
+    let e = fast_exp((-a * a) as f32) as f64;
     s * (1.0 - poly * e)
 }
 
