@@ -1,1 +1,257 @@
-//! (in progress)
+//! The `tiller` command line: `serve`, `generate`, `models`, `openapi`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, DTypeSpec, DeviceSpec};
+use crate::error::{Result, TillerError};
+use crate::pipeline::{GenerationParams, Progress};
+use crate::sampling::SamplerKind;
+
+#[derive(Debug, Parser)]
+#[command(name = "tiller", version, about = "Inference server for diffusion image models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Generate images from a prompt and write PNGs (and optionally latents).
+    Generate(GenerateArgs),
+    /// List the models under the models root.
+    Models(ModelsArgs),
+    /// Print the OpenAPI document (the committed openapi/openapi.json).
+    Openapi,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see tiller.example.toml).
+    #[arg(long, env = "TILLER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Models root (overrides models.root).
+    #[arg(long, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Listen address (overrides server.bind).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub bind: Option<String>,
+    /// Model used when a request names none (overrides models.default).
+    #[arg(long, value_name = "NAME")]
+    pub default_model: Option<String>,
+    /// auto, cpu or cuda:N (overrides models.device).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<DeviceSpec>,
+    /// f32, f16 or bf16 (overrides models.dtype; only f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<DTypeSpec>,
+}
+
+impl ServeArgs {
+    /// Defaults < config file < TILLER_* environment < flags.
+    pub fn config(&self) -> Result<Config> {
+        let mut cfg = Config::load(self.config.as_deref())?;
+        if let Some(d) = &self.models_dir {
+            cfg.models.root = d.clone();
+        }
+        if let Some(b) = &self.bind {
+            cfg.server.bind = b.clone();
+        }
+        if let Some(m) = &self.default_model {
+            cfg.models.default = Some(m.clone());
+        }
+        if let Some(d) = self.device {
+            cfg.models.device = d;
+        }
+        if let Some(d) = self.dtype {
+            cfg.models.dtype = d;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Models root.
+    #[arg(long, env = "TILLER_MODELS_DIR", default_value = "models", value_name = "DIR")]
+    pub models_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model directory, or the name of one under --models-dir.
+    #[arg(long, value_name = "DIR_OR_NAME")]
+    pub model: String,
+    /// Text prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Negative prompt (the unconditional branch of classifier-free guidance).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Sampler; default from the model's scheduler_config.json.
+    #[arg(long)]
+    pub scheduler: Option<SamplerKind>,
+    /// Denoising steps; default 50 (4 for LCM, 1 for SD-Turbo).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; default 7.5 (8.5 for LCM, 0 for SD-Turbo).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// DDIM eta (0 = deterministic).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Seed; default random (printed). Image i uses seed + i.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Image width in pixels; default the model's.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels; default the model's.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Number of images.
+    #[arg(short = 'n', long = "n", default_value_t = 1)]
+    pub n: usize,
+    /// safetensors file with the initial noise: an f32 tensor `latents` (n, C, H/f, W/f), or a
+    /// file written by --save-latents (its `init_latents` is used, replaying that run).
+    #[arg(long, value_name = "FILE")]
+    pub init_latents: Option<PathBuf>,
+    /// Write a safetensors file with `latents` (final latents), `image` (f32 NCHW in [0,1]) and
+    /// `init_latents` (the initial noise).
+    #[arg(long, value_name = "FILE")]
+    pub save_latents: Option<PathBuf>,
+    /// PNG path; with -n > 1 the images are PATH_0.png, PATH_1.png, ... Default: output.png
+    /// unless only --save-latents is given.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Where model names are looked up.
+    #[arg(long, env = "TILLER_MODELS_DIR", default_value = "models", value_name = "DIR")]
+    pub models_dir: PathBuf,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceSpec,
+    /// f32, f16 or bf16 (only f32 on CPU).
+    #[arg(long, default_value = "f32")]
+    pub dtype: DTypeSpec,
+    /// Hide the progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// A model argument: an existing directory, or a name under `models_dir`.
+pub fn resolve_model_dir(model: &str, models_dir: &Path) -> Result<(String, PathBuf)> {
+    let as_path = PathBuf::from(model);
+    let dir = if as_path.join("model_index.json").is_file() {
+        as_path
+    } else {
+        let under = models_dir.join(model);
+        if under.join("model_index.json").is_file() {
+            under
+        } else {
+            let known = crate::models::loader::discover_models(models_dir)
+                .map(|v| v.into_iter().map(|(n, _)| n).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            return Err(TillerError::ModelNotFound(format!(
+                "{model}` (not a model directory, nor a model under {}; known: {}",
+                models_dir.display(),
+                if known.is_empty() { "none".to_string() } else { known }
+            )));
+        }
+    };
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| model.to_string());
+    Ok((name, dir))
+}
+
+/// Run `tiller generate`.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    if args.n == 0 {
+        return Err(TillerError::field("n", "must be at least 1"));
+    }
+    let (name, dir) = resolve_model_dir(&args.model, &args.models_dir)?;
+    let device = args.device.open()?;
+    let dtype = args.dtype.check_device(&device)?;
+    let init_latents = match &args.init_latents {
+        Some(p) => Some(crate::util::tensor_io::load_init_latents(p)?),
+        None => None,
+    };
+    let model = crate::models::loader::load_model(&name, &dir, &device, dtype)?;
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u64>() >> 11);
+    let params = GenerationParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        n: args.n,
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        scheduler: args.scheduler,
+        eta: args.eta,
+        seed,
+        init_latents,
+    };
+    let resolved = crate::pipeline::resolve(model.as_ref(), &params);
+    eprintln!(
+        "model {name}: {}x{}, {} steps of {:?}, guidance {}, seed {seed}",
+        resolved.width, resolved.height, resolved.steps, resolved.scheduler, resolved.guidance_scale
+    );
+    let bar = indicatif::ProgressBar::new(resolved.steps as u64);
+    if args.quiet || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    } else if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed_precise} ({eta})")
+    {
+        bar.set_style(style);
+    }
+    let mut progress = |p: Progress| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+        true
+    };
+    let r = crate::engine::generate_replayable(model.as_ref(), &params, &mut progress)
+        .map_err(|e| TillerError::Other(anyhow::anyhow!("generation failed: {e}")))?;
+    bar.finish_and_clear();
+    let out = &r.output;
+    eprintln!(
+        "done: {} denoiser evaluations; encode {:.0} ms, denoise {:.0} ms, decode {:.0} ms{}",
+        out.denoiser_evals,
+        out.timings.encode_ms,
+        out.timings.denoise_ms,
+        out.timings.decode_ms,
+        if out.prompt_truncated { " (prompt truncated)" } else { "" }
+    );
+    if let Some(path) = &args.save_latents {
+        use crate::util::tensor_io::{save_tensors, IMAGE, INIT_LATENTS, LATENTS};
+        save_tensors(path, &[(LATENTS, &out.latents), (IMAGE, &out.images), (INIT_LATENTS, &r.init_latents)])?;
+        eprintln!("wrote {}", path.display());
+    }
+    let output = match (&args.output, &args.save_latents) {
+        (Some(p), _) => Some(p.clone()),
+        (None, None) => Some(PathBuf::from("output.png")),
+        (None, Some(_)) => None,
+    };
+    if let Some(path) = output {
+        let pngs = crate::util::png::encode_batch(&out.images)?;
+        for (png, p) in pngs.iter().zip(crate::util::png::numbered_paths(&path, pngs.len())) {
+            std::fs::write(&p, png).map_err(|e| TillerError::file(&p, format!("cannot write: {e}")))?;
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// Run `tiller models`.
+pub fn list_models(args: &ModelsArgs) -> Result<()> {
+    for (name, dir) in crate::models::loader::discover_models(&args.models_dir)? {
+        println!("{name}\t{}", dir.display());
+    }
+    Ok(())
+}

@@ -1,1 +1,439 @@
-//! (in progress)
+//! Server configuration: a TOML file, overridden by `TILLER_*` environment variables, overridden
+//! by command-line flags (in that order; later wins).
+//!
+//! Every key is documented in README.md ("Configuration reference") and in
+//! `tiller.example.toml`, which a test parses.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TillerError};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub models: ModelsConfig,
+    pub limits: Limits,
+}
+
+/// `[server]`: where to listen and who may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on, `HOST:PORT`.
+    pub bind: String,
+    /// When set, `/v1/*` requests must carry `Authorization: Bearer <api_key>` (what OpenAI
+    /// clients send).
+    pub api_key: Option<String>,
+    /// When set, `GET /metrics` requires `Authorization: Bearer <admin_key>`.
+    pub admin_key: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { bind: DEFAULT_BIND.to_string(), api_key: None, admin_key: None }
+    }
+}
+
+/// The default listen address: loopback only, so a fresh checkout does not expose an
+/// unauthenticated server to the network. Containers set `0.0.0.0:8080`.
+pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
+
+/// `[models]`: which models to load and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Models root: every subdirectory holding `model_index.json` is a model named after the
+    /// directory.
+    pub root: PathBuf,
+    /// Model used when a request names none; `None` = the first model (by name) under `root`.
+    pub default: Option<String>,
+    /// Only load these models (names under `root`); empty = load all of them.
+    pub load: Vec<String>,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: DeviceSpec,
+    /// Weight and activation dtype.
+    pub dtype: DTypeSpec,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("models"),
+            default: None,
+            load: Vec::new(),
+            device: DeviceSpec::Auto,
+            dtype: DTypeSpec::F32,
+        }
+    }
+}
+
+/// `[limits]`: what a request may ask for, and how long it may wait.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_width: usize,
+    pub max_height: usize,
+    /// Upper bound on `width * height`.
+    pub max_pixels: usize,
+    /// Images per request.
+    pub max_n: usize,
+    pub max_steps: usize,
+    /// Prompt and negative prompt length in characters (Unicode scalar values).
+    pub max_prompt_chars: usize,
+    /// Request body size in bytes (base64 `init_latents` counts).
+    pub max_body_bytes: usize,
+    /// Jobs that may wait behind the running one; more get 429.
+    pub queue_depth: usize,
+    /// Time from receiving a request to its response, queueing included; past it the job is
+    /// cancelled and the client gets 504.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_width: 1024,
+            max_height: 1024,
+            max_pixels: 1024 * 1024,
+            max_n: 4,
+            max_steps: 150,
+            max_prompt_chars: 4000,
+            max_body_bytes: 8 * 1024 * 1024,
+            queue_depth: 16,
+            request_timeout_secs: 300,
+        }
+    }
+}
+
+/// Where models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when this build has CUDA and a GPU is present, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => {
+                    n.parse().map(Self::Cuda).map_err(|_| format!("invalid CUDA ordinal in `{s}`; expected cuda:N"))
+                }
+                None => Err(format!("invalid device `{s}`; expected auto, cpu or cuda:N")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl DeviceSpec {
+    /// Open the device. CUDA in a build without the `cuda` feature is a clear error.
+    pub fn open(&self) -> Result<candle_core::Device> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            Self::Auto => {
+                if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                    candle_core::Device::new_cuda(0).map_err(Into::into)
+                } else {
+                    Ok(candle_core::Device::Cpu)
+                }
+            }
+            Self::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(TillerError::field(
+                        "device",
+                        format!(
+                            "`cuda:{n}` requested, but this tiller binary was built without CUDA \
+                             support; rebuild with `cargo build --release --features cuda` or use \
+                             `--device cpu`"
+                        ),
+                    ));
+                }
+                candle_core::Device::new_cuda(*n)
+                    .map_err(|e| TillerError::field("device", format!("cannot open CUDA device {n}: {e}")))
+            }
+        }
+    }
+}
+
+/// Model dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeSpec {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for DTypeSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(Self::F32),
+            "f16" | "float16" | "fp16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!("invalid dtype `{other}`; expected f32, f16 or bf16")),
+        }
+    }
+}
+
+impl fmt::Display for DTypeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl DTypeSpec {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// Check the dtype against the device (see [`crate::models::loader::check_dtype`]): bf16 on
+    /// CPU is an error (candle's CPU bf16 conv2d fails), f16 on CPU a warning (slower than f32).
+    pub fn check_device(self, device: &candle_core::Device) -> Result<candle_core::DType> {
+        crate::models::loader::check_dtype(device, self.dtype())?;
+        Ok(self.dtype())
+    }
+}
+
+impl Config {
+    /// Parse a TOML document.
+    pub fn from_toml(text: &str) -> std::result::Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Read a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TillerError::file(path, format!("cannot read config file: {e}")))?;
+        Self::from_toml(&text).map_err(|e| TillerError::file(path, format!("invalid config: {e}")))
+    }
+
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut cfg = match file {
+            Some(p) => Self::from_file(p)?,
+            None => Self::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    /// Apply `TILLER_*` overrides; `get` looks a variable up (the process environment in
+    /// [`Config::load`], a map in tests). See [`ENV_VARS`] for the list.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
+        fn parse<T: FromStr>(var: &str, v: &str) -> Result<T>
+        where
+            T::Err: fmt::Display,
+        {
+            v.trim().parse().map_err(|e| TillerError::field(var, format!("cannot parse `{v}`: {e}")))
+        }
+        let nonempty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = nonempty("TILLER_BIND") {
+            self.server.bind = v;
+        }
+        if let Some(v) = nonempty("TILLER_API_KEY") {
+            self.server.api_key = Some(v);
+        }
+        if let Some(v) = nonempty("TILLER_ADMIN_KEY") {
+            self.server.admin_key = Some(v);
+        }
+        if let Some(v) = nonempty("TILLER_MODELS_DIR") {
+            self.models.root = PathBuf::from(v);
+        }
+        if let Some(v) = nonempty("TILLER_DEFAULT_MODEL") {
+            self.models.default = Some(v);
+        }
+        if let Some(v) = nonempty("TILLER_LOAD_MODELS") {
+            self.models.load = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        }
+        if let Some(v) = nonempty("TILLER_DEVICE") {
+            self.models.device = parse("TILLER_DEVICE", &v)?;
+        }
+        if let Some(v) = nonempty("TILLER_DTYPE") {
+            self.models.dtype = parse("TILLER_DTYPE", &v)?;
+        }
+        let l = &mut self.limits;
+        let usize_vars: [(&str, &mut usize); 8] = [
+            ("TILLER_MAX_WIDTH", &mut l.max_width),
+            ("TILLER_MAX_HEIGHT", &mut l.max_height),
+            ("TILLER_MAX_PIXELS", &mut l.max_pixels),
+            ("TILLER_MAX_N", &mut l.max_n),
+            ("TILLER_MAX_STEPS", &mut l.max_steps),
+            ("TILLER_MAX_PROMPT_CHARS", &mut l.max_prompt_chars),
+            ("TILLER_MAX_BODY_BYTES", &mut l.max_body_bytes),
+            ("TILLER_QUEUE_DEPTH", &mut l.queue_depth),
+        ];
+        for (var, slot) in usize_vars {
+            if let Some(v) = nonempty(var) {
+                *slot = parse(var, &v)?;
+            }
+        }
+        if let Some(v) = nonempty("TILLER_REQUEST_TIMEOUT_SECS") {
+            l.request_timeout_secs = parse("TILLER_REQUEST_TIMEOUT_SECS", &v)?;
+        }
+        Ok(())
+    }
+
+    /// Check values that would make the server unusable.
+    pub fn validate(&self) -> Result<()> {
+        self.bind_addr()?;
+        let l = &self.limits;
+        let positive = [
+            ("limits.max_width", l.max_width),
+            ("limits.max_height", l.max_height),
+            ("limits.max_pixels", l.max_pixels),
+            ("limits.max_n", l.max_n),
+            ("limits.max_steps", l.max_steps),
+            ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.queue_depth", l.queue_depth),
+            ("limits.request_timeout_secs", l.request_timeout_secs as usize),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(TillerError::field(name, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bind_addr(&self) -> Result<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let b = &self.server.bind;
+        b.to_socket_addrs()
+            .ok()
+            .and_then(|mut it| it.next())
+            .ok_or_else(|| TillerError::field("server.bind", format!("`{b}` is not a HOST:PORT address")))
+    }
+}
+
+/// Environment variables read by [`Config::apply_env`] and the config keys they override.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("TILLER_CONFIG", "(path of the config file)"),
+    ("TILLER_BIND", "server.bind"),
+    ("TILLER_API_KEY", "server.api_key"),
+    ("TILLER_ADMIN_KEY", "server.admin_key"),
+    ("TILLER_MODELS_DIR", "models.root"),
+    ("TILLER_DEFAULT_MODEL", "models.default"),
+    ("TILLER_LOAD_MODELS", "models.load (comma-separated)"),
+    ("TILLER_DEVICE", "models.device"),
+    ("TILLER_DTYPE", "models.dtype"),
+    ("TILLER_MAX_WIDTH", "limits.max_width"),
+    ("TILLER_MAX_HEIGHT", "limits.max_height"),
+    ("TILLER_MAX_PIXELS", "limits.max_pixels"),
+    ("TILLER_MAX_N", "limits.max_n"),
+    ("TILLER_MAX_STEPS", "limits.max_steps"),
+    ("TILLER_MAX_PROMPT_CHARS", "limits.max_prompt_chars"),
+    ("TILLER_MAX_BODY_BYTES", "limits.max_body_bytes"),
+    ("TILLER_QUEUE_DEPTH", "limits.queue_depth"),
+    ("TILLER_REQUEST_TIMEOUT_SECS", "limits.request_timeout_secs"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::default().server.bind, DEFAULT_BIND);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Config::from_toml("[limits]\nmax_widht = 3\n").unwrap_err();
+        assert!(e.contains("max_widht"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut c = Config::from_toml("[models]\ndevice = \"cpu\"\n[limits]\nmax_n = 2\nqueue_depth = 3\n").unwrap();
+        assert_eq!(c.models.device, DeviceSpec::Cpu);
+        let env: HashMap<&str, &str> =
+            [("TILLER_MAX_N", "7"), ("TILLER_DEVICE", "cuda:1"), ("TILLER_LOAD_MODELS", "a, b")].into();
+        c.apply_env(|k| env.get(k).map(|s| s.to_string())).unwrap();
+        assert_eq!(c.limits.max_n, 7);
+        assert_eq!(c.limits.queue_depth, 3);
+        assert_eq!(c.models.device, DeviceSpec::Cuda(1));
+        assert_eq!(c.models.load, vec!["a".to_string(), "b".to_string()]);
+        let bad: HashMap<&str, &str> = [("TILLER_MAX_N", "many")].into();
+        let e = c.apply_env(|k| bad.get(k).map(|s| s.to_string())).unwrap_err();
+        assert!(e.to_string().contains("TILLER_MAX_N"));
+    }
+
+    #[test]
+    fn device_and_dtype_parse() {
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert_eq!("bf16".parse::<DTypeSpec>().unwrap(), DTypeSpec::Bf16);
+        let cpu = candle_core::Device::Cpu;
+        assert!(DTypeSpec::Bf16.check_device(&cpu).is_err());
+        assert!(DTypeSpec::F32.check_device(&cpu).is_ok());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_is_a_clear_error() {
+        let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+
+    #[test]
+    fn zero_limits_are_rejected() {
+        let mut c = Config::default();
+        c.limits.queue_depth = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("queue_depth"));
+        c = Config::default();
+        c.server.bind = "nonsense".into();
+        assert!(c.validate().is_err());
+    }
+}

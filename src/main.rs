@@ -1,1 +1,37 @@
-fn main() {}
+use clap::Parser;
+
+use tiller::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Serve(args) => match args.config() {
+            Ok(cfg) => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(tiller::api::serve(cfg))),
+            Err(e) => Err(e.into()),
+        },
+        Command::Generate(args) => tiller::cli::generate(&args).map_err(Into::into),
+        Command::Models(args) => tiller::cli::list_models(&args).map_err(Into::into),
+        Command::Openapi => {
+            print!("{}", tiller::api::openapi_json());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

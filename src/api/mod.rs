@@ -1,1 +1,183 @@
-//! (in progress)
+//! The HTTP API: OpenAI-compatible image generation plus model listing, health, metrics and
+//! the OpenAPI document.
+//!
+//! [`router`] builds the whole axum `Router` from an [`AppState`], so tests can bind it to
+//! `127.0.0.1:0`; [`serve`] is what `tiller serve` runs.
+
+pub mod error;
+pub mod handlers;
+pub mod middleware;
+pub mod openapi;
+pub mod types;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::config::{Config, Limits};
+use crate::engine::Engine;
+
+pub use error::ApiError;
+pub use openapi::{openapi_json, ApiDoc};
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub limits: Arc<Limits>,
+    /// Bearer token required on `/v1/*`, if any.
+    pub api_key: Option<Arc<str>>,
+    /// Bearer token required on `/metrics`, if any.
+    pub admin_key: Option<Arc<str>>,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, config: &Config) -> Self {
+        Self {
+            engine,
+            limits: Arc::new(config.limits.clone()),
+            api_key: config.server.api_key.as_deref().map(Arc::from),
+            admin_key: config.server.admin_key.as_deref().map(Arc::from),
+        }
+    }
+}
+
+/// The full router: API routes, `/openapi.json`, Swagger UI at `/docs`, JSON 404/405, request
+/// metrics.
+pub fn router(state: AppState) -> Router {
+    crate::util::metrics::prometheus();
+    let body_limit = state.limits.max_body_bytes;
+    let v1 = Router::new()
+        .route("/v1/images/generations", post(handlers::create_image).layer(DefaultBodyLimit::max(body_limit)))
+        .route("/v1/models", get(handlers::list_models))
+        .route("/v1/models/{model}", get(handlers::get_model))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
+    let metrics = Router::new()
+        .route("/metrics", get(handlers::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_admin_key));
+    Router::new()
+        .merge(v1)
+        .merge(metrics)
+        .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn(middleware::record_metrics))
+        .with_state(state)
+}
+
+/// Discover and load models as `config.models` says (on the engine thread), after checking
+/// synchronously that the models root and the default model exist.
+pub fn engine_from_config(config: &Config) -> crate::error::Result<Engine> {
+    use crate::error::TillerError;
+    let mc = &config.models;
+    let found = crate::models::loader::discover_models(&mc.root)?;
+    if found.is_empty() {
+        return Err(TillerError::file(
+            &mc.root,
+            "no model directories (subdirectories holding model_index.json) found",
+        ));
+    }
+    let names: Vec<String> = found.iter().map(|(n, _)| n.clone()).collect();
+    let selected: Vec<(String, std::path::PathBuf)> = if mc.load.is_empty() {
+        found
+    } else {
+        for want in &mc.load {
+            if !names.contains(want) {
+                return Err(TillerError::field(
+                    "models.load",
+                    format!("model `{want}` not found under {} (found: {})", mc.root.display(), names.join(", ")),
+                ));
+            }
+        }
+        found.into_iter().filter(|(n, _)| mc.load.contains(n)).collect()
+    };
+    if let Some(d) = &mc.default {
+        if !selected.iter().any(|(n, _)| n == d) {
+            return Err(TillerError::field(
+                "models.default",
+                format!(
+                    "default model `{d}` not found under {} (found: {})",
+                    mc.root.display(),
+                    selected.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    let device = mc.device.open()?;
+    let dtype = mc.dtype.check_device(&device)?;
+    let loader: crate::engine::Loader = Box::new(move || {
+        let mut out = Vec::new();
+        for (name, dir) in selected {
+            let t0 = std::time::Instant::now();
+            let model = crate::models::loader::load_model(&name, &dir, &device, dtype).map_err(|e| e.to_string())?;
+            tracing::info!("loaded model `{name}` from {} in {:.1}s", dir.display(), t0.elapsed().as_secs_f64());
+            let created = std::fs::metadata(dir.join("model_index.json"))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            out.push(crate::engine::LoadedModel { name, model, created });
+        }
+        Ok(out)
+    });
+    let opts =
+        crate::engine::EngineOptions { queue_depth: config.limits.queue_depth, default_model: mc.default.clone() };
+    Ok(Engine::start(loader, opts))
+}
+
+/// Run the server until Ctrl-C / SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    let addr = config.bind_addr()?;
+    let engine = engine_from_config(&config)?;
+    let state = AppState::new(engine.clone(), &config);
+    let app = router(state);
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(
+        "tiller listening on http://{} (models root {}, docs at /docs)",
+        listener.local_addr()?,
+        config.models.root.display()
+    );
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            crate::util::metrics::prometheus().run_upkeep();
+        }
+    });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    engine.shutdown();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,73 @@
+# syntax=docker/dockerfile:1
+#
+# tiller, multi-stage. Default: CUDA build (`--features cuda`) in the CUDA devel image, run in
+# the matching runtime image. `--build-arg VARIANT=cpu` builds a CPU-only image instead.
+#
+#   docker build -t tiller:cuda .
+#   docker run --gpus all -p 8080:8080 -v "$PWD/models:/models" tiller:cuda
+#   docker build --build-arg VARIANT=cpu -t tiller:cpu .
+#
+# Build args:
+#   VARIANT           cuda (default) | cpu
+#   CUDA_VERSION      CUDA image tag prefix (default 12.6.3)
+#   UBUNTU            ubuntu22.04 (default) | ubuntu24.04
+#   CUDA_COMPUTE_CAP  GPU compute capability for candle's kernels, e.g. 80 (A100), 89 (L4/4090),
+#                     90 (H100). Required when the build machine has no GPU to detect (the
+#                     usual case with `docker build`).
+#   RUST_VERSION      toolchain installed with rustup (default stable)
+
+ARG VARIANT=cuda
+ARG CUDA_VERSION=12.6.3
+ARG UBUNTU=ubuntu22.04
+
+# ---- build bases --------------------------------------------------------------------------
+FROM nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU} AS build-cuda
+FROM ubuntu:22.04 AS build-cpu
+
+# ---- build ----------------------------------------------------------------------------------
+FROM build-${VARIANT} AS build
+ARG VARIANT
+ARG RUST_VERSION=stable
+ARG CUDA_COMPUTE_CAP=90
+ENV DEBIAN_FRONTEND=noninteractive \
+    RUSTUP_HOME=/usr/local/rustup \
+    CARGO_HOME=/usr/local/cargo \
+    PATH=/usr/local/cargo/bin:$PATH
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl build-essential pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain "${RUST_VERSION}"
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    set -eux; \
+    if [ "${VARIANT}" = "cuda" ]; then \
+        export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP}"; \
+        cargo build --release --locked --features cuda; \
+    else \
+        cargo build --release --locked; \
+    fi; \
+    install -D target/release/tiller /out/tiller
+
+# ---- runtime bases --------------------------------------------------------------------------
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU} AS run-cuda
+FROM ubuntu:22.04 AS run-cpu
+
+# ---- runtime --------------------------------------------------------------------------------
+FROM run-${VARIANT}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --create-home --uid 10001 tiller
+COPY --from=build /out/tiller /usr/local/bin/tiller
+# The toy default model; mount a volume on /models to serve real ones.
+COPY models /models
+COPY tiller.example.toml /etc/tiller/tiller.example.toml
+ENV TILLER_BIND=0.0.0.0:8080 \
+    TILLER_MODELS_DIR=/models \
+    RUST_LOG=info
+USER tiller
+EXPOSE 8080
+ENTRYPOINT ["tiller"]
+CMD ["serve"]

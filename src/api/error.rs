@@ -1,0 +1,104 @@
+//! Errors in the OpenAI error shape:
+//! `{"error": {"message": "...", "type": "...", "param": "<field>" | null, "code": "..." | null}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The error envelope every non-2xx response carries.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Human-readable explanation.
+    pub message: String,
+    /// `invalid_request_error` for 4xx, `server_error` for 5xx, as OpenAI does.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, when there is one.
+    pub param: Option<String>,
+    /// Machine-readable code, e.g. `invalid_value`, `model_not_found`, `queue_full`.
+    pub code: Option<String>,
+}
+
+/// An error response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: &'static str,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), param: None, code, retry_after: None }
+    }
+
+    /// 422 naming the field.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message).with_param(param)
+    }
+
+    /// 422 for a value of the wrong JSON type.
+    pub fn wrong_type(param: &str, expected: &str) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_type", format!("`{param}` must be {expected}"))
+            .with_param(param)
+    }
+
+    pub fn model_not_found(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("The model `{name}` does not exist; GET /v1/models lists the available models"),
+        )
+        .with_param("model")
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+    }
+
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        let kind = if self.status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        ErrorResponse {
+            error: ErrorBody {
+                message: self.message.clone(),
+                kind: kind.to_string(),
+                param: self.param.clone(),
+                code: Some(self.code.to_string()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}

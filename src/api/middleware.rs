@@ -1,0 +1,73 @@
+//! Request metrics and bearer-token checks.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::util::metrics as m;
+
+/// Response extension naming the model a request used (the `model` label of request metrics).
+#[derive(Debug, Clone)]
+pub struct ModelLabel(pub String);
+
+/// Count requests and record their latency by route, method, status and model.
+pub async fn record_metrics(req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    let model = resp.extensions().get::<ModelLabel>().map(|m| m.0.clone()).unwrap_or_default();
+    let labels = [("route", route), ("method", method), ("status", status), ("model", model)];
+    metrics::counter!(m::HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(m::HTTP_DURATION, &labels).record(t0.elapsed().as_secs_f64());
+    resp
+}
+
+fn bearer_ok(req: &Request, key: &str) -> bool {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| constant_time_eq(token.trim().as_bytes(), key.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized(what: &str) -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_api_key",
+        format!("Missing or incorrect {what}; send `Authorization: Bearer <key>`"),
+    )
+    .into_response();
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// `/v1/*`: require `server.api_key` when configured.
+pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match &state.api_key {
+        Some(key) if !bearer_ok(&req, key) => unauthorized("API key"),
+        _ => next.run(req).await,
+    }
+}
+
+/// `/metrics`: require `server.admin_key` when configured.
+pub async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match &state.admin_key {
+        Some(key) if !bearer_ok(&req, key) => unauthorized("admin key"),
+        _ => next.run(req).await,
+    }
+}

@@ -1,0 +1,66 @@
+//! The OpenAPI document (served at `/openapi.json`, committed as `openapi/openapi.json`).
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::error::{ErrorBody, ErrorResponse};
+use super::handlers;
+use super::types::*;
+use crate::sampling::SamplerKind;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tiller",
+        description = "OpenAI-compatible image generation for diffusers-format Stable Diffusion \
+                       models, with tiller extensions (seed, steps, scheduler, guidance, initial \
+                       latents) and per-image replay metadata."
+    ),
+    paths(
+        handlers::create_image,
+        handlers::list_models,
+        handlers::get_model,
+        handlers::health,
+        handlers::ready,
+        handlers::metrics
+    ),
+    components(schemas(
+        ImageGenerationRequest,
+        ImagesResponse,
+        Image,
+        ImageMetadata,
+        TimingsMs,
+        ModelList,
+        Model,
+        ModelDetails,
+        HealthStatus,
+        ErrorResponse,
+        ErrorBody,
+        SamplerKind
+    )),
+    modifiers(&Security),
+    tags(
+        (name = "images", description = "Image generation (OpenAI Images API)"),
+        (name = "models", description = "Loaded models (OpenAI Models API)"),
+        (name = "health", description = "Liveness, readiness and metrics")
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer = || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
+        components.add_security_scheme("api_key", bearer());
+        components.add_security_scheme("admin_key", bearer());
+    }
+}
+
+/// The document as pretty-printed JSON with a trailing newline (the committed file's format).
+pub fn openapi_json() -> String {
+    let mut s = ApiDoc::openapi().to_pretty_json().expect("OpenAPI serializes");
+    s.push('\n');
+    s
+}

@@ -1,0 +1,182 @@
+//! Request and response bodies of the HTTP API (also the OpenAPI schemas).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::sampling::SamplerKind;
+
+/// `POST /v1/images/generations` request: the OpenAI Images API fields plus tiller extensions.
+///
+/// Fields set to `null` count as absent. Unknown fields are rejected (422) so that typos do not
+/// pass silently; `user`, `quality` and `style` are accepted for OpenAI compatibility and ignored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"prompt": "a red circle on a blue background", "size": "64x64", "seed": 42}))]
+pub struct ImageGenerationRequest {
+    /// Text prompt (required; at most `limits.max_prompt_chars` characters).
+    pub prompt: String,
+    /// Model id from `GET /v1/models`; default: the server's default model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Number of images, 1 to `limits.max_n`; default 1.
+    #[serde(default)]
+    #[schema(minimum = 1, example = 1)]
+    pub n: Option<u32>,
+    /// `WIDTHxHEIGHT` in pixels, multiples of the model's VAE factor (8), within the configured
+    /// limits; default (or `auto`): the model's default size.
+    #[serde(default)]
+    #[schema(example = "512x512")]
+    pub size: Option<String>,
+    /// Only `b64_json` (the default) is supported; `url` is rejected with 422.
+    #[serde(default)]
+    #[schema(example = "b64_json")]
+    pub response_format: Option<String>,
+    /// Only `png` (the default).
+    #[serde(default)]
+    pub output_format: Option<String>,
+    /// Accepted and ignored (OpenAI compatibility).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Accepted and ignored (OpenAI compatibility).
+    #[serde(default)]
+    pub quality: Option<String>,
+    /// Accepted and ignored (OpenAI compatibility).
+    #[serde(default)]
+    pub style: Option<String>,
+    /// tiller: negative prompt for classifier-free guidance.
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// tiller: denoising steps, 1 to `limits.max_steps`; default from the model/scheduler
+    /// (50; 4 for LCM; 1 for SD-Turbo).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub steps: Option<u32>,
+    /// tiller: classifier-free guidance scale, 0 to 100 (guidance is off at ≤ 1; LCM-distilled
+    /// UNets take it as an embedding); default 7.5 (8.5 for LCM, 0 for SD-Turbo).
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub guidance_scale: Option<f64>,
+    /// tiller: sampler; default from the model's `scheduler_config.json`.
+    #[serde(default)]
+    pub scheduler: Option<SamplerKind>,
+    /// tiller: DDIM eta in [0, 1] (0 = deterministic); default 0.
+    #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub eta: Option<f64>,
+    /// tiller: random seed, 0 to 2^64-1; image i uses seed + i. Default: random (reported in
+    /// the response).
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub seed: Option<u64>,
+    /// tiller: base64 of a safetensors file holding an f32 tensor `latents` shaped
+    /// (n, C, H/f, W/f): unit-variance initial noise, as `tiller generate --init-latents`.
+    #[serde(default)]
+    pub init_latents: Option<String>,
+}
+
+/// `POST /v1/images/generations` response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImagesResponse {
+    /// Unix time (seconds) the response was created.
+    pub created: u64,
+    pub data: Vec<Image>,
+}
+
+/// One generated image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// The PNG, base64-encoded (standard alphabet, padded).
+    pub b64_json: String,
+    /// How this image was made.
+    pub tiller: ImageMetadata,
+}
+
+/// tiller metadata of one image: everything needed to replay it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageMetadata {
+    /// Seed of this image (request seed + index); sending it with n = 1 replays the image.
+    pub seed: u64,
+    /// The request's seed (seed of image 0).
+    pub request_seed: u64,
+    pub model: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub scheduler: SamplerKind,
+    pub guidance_scale: f64,
+    pub eta: f64,
+    /// Denoiser evaluations for the whole request (each CFG branch counts).
+    pub denoiser_evals: usize,
+    /// True when the prompt or negative prompt was cut at the text encoder's token limit.
+    pub prompt_truncated: bool,
+    pub timings: TimingsMs,
+}
+
+/// Milliseconds spent per stage (for the whole request).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TimingsMs {
+    pub queue_ms: f64,
+    pub encode_ms: f64,
+    pub denoise_ms: f64,
+    pub decode_ms: f64,
+    /// From receiving the request to sending the response.
+    pub total_ms: f64,
+}
+
+/// `GET /v1/models` response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<Model>,
+}
+
+/// A model, OpenAI-style, with tiller's extras.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Model {
+    /// The name to pass as `model`.
+    pub id: String,
+    /// Always `model`.
+    pub object: String,
+    /// Unix time of the model directory's last modification.
+    pub created: u64,
+    /// Always `tiller`.
+    pub owned_by: String,
+    pub tiller: ModelDetails,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelDetails {
+    /// e.g. `stable-diffusion`.
+    pub family: String,
+    /// True for the model used when a request names none.
+    pub default: bool,
+    /// Default `size` as `WxH`.
+    pub default_size: String,
+    pub default_width: usize,
+    pub default_height: usize,
+    /// Default sampler (from `scheduler_config.json`).
+    pub scheduler: SamplerKind,
+    /// diffusers scheduler class the model ships with.
+    pub scheduler_class: String,
+    /// `epsilon`, `v_prediction` or `sample`.
+    pub prediction_type: String,
+    /// True for LCM-distilled UNets (guidance as an embedding, no CFG).
+    pub guidance_embedding: bool,
+    pub latent_channels: usize,
+    /// Pixels per latent pixel; `size` must be a multiple.
+    pub vae_scale_factor: usize,
+    /// Prompt length limit in tokens.
+    pub max_prompt_tokens: usize,
+}
+
+/// `GET /health` and `GET /ready` body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthStatus {
+    /// `ok`, `loading` or `failed`.
+    pub status: String,
+    /// Loaded model ids.
+    pub models: Vec<String>,
+    /// Why the server is not ready, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

@@ -1,0 +1,308 @@
+//! Request validation: every field of `POST /v1/images/generations` is checked by type, then
+//! against the configured limits and the model, and rejected with 422 naming the field.
+//!
+//! Parsing works on a `serde_json::Value` rather than a derived `Deserialize`, so that each
+//! type error names its field (serde's messages name only a line and column).
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::types::ImageGenerationRequest;
+use crate::config::Limits;
+use crate::engine::ModelSummary;
+use crate::pipeline::GenerationParams;
+use crate::sampling::SamplerKind;
+
+/// Fields the endpoint accepts.
+pub const FIELDS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "output_format",
+    "user",
+    "quality",
+    "style",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "eta",
+    "seed",
+    "init_latents",
+];
+
+/// Largest guidance scale accepted.
+pub const MAX_GUIDANCE: f64 = 100.0;
+
+/// Parse a JSON body (400 for malformed JSON, 422 for a wrong field type or unknown field).
+pub fn parse_body(bytes: &[u8]) -> Result<ImageGenerationRequest, ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("The request body is not valid JSON: {e}"),
+        )
+    })?;
+    parse_value(value)
+}
+
+/// Type-check a JSON value as an image generation request.
+pub fn parse_value(value: Value) -> Result<ImageGenerationRequest, ApiError> {
+    let Value::Object(obj) = value else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_type",
+            "The request body must be a JSON object",
+        ));
+    };
+    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_parameter",
+            format!("Unrecognized request argument supplied: `{k}`; accepted fields: {}", FIELDS.join(", ")),
+        )
+        .with_param(k));
+    }
+    let prompt = string(&obj, "prompt")?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_required_parameter",
+            "`prompt` is required",
+        )
+        .with_param("prompt")
+    })?;
+    let scheduler = match string(&obj, "scheduler")? {
+        None => None,
+        Some(s) => Some(parse_scheduler(&s)?),
+    };
+    Ok(ImageGenerationRequest {
+        prompt,
+        model: string(&obj, "model")?,
+        n: integer(&obj, "n")?.map(|v| v.min(u32::MAX as u64) as u32),
+        size: string(&obj, "size")?,
+        response_format: string(&obj, "response_format")?,
+        output_format: string(&obj, "output_format")?,
+        user: string(&obj, "user")?,
+        quality: string(&obj, "quality")?,
+        style: string(&obj, "style")?,
+        negative_prompt: string(&obj, "negative_prompt")?,
+        steps: integer(&obj, "steps")?.map(|v| v.min(u32::MAX as u64) as u32),
+        guidance_scale: number(&obj, "guidance_scale")?,
+        scheduler,
+        eta: number(&obj, "eta")?,
+        seed: integer(&obj, "seed")?,
+        init_latents: string(&obj, "init_latents")?,
+    })
+}
+
+fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::wrong_type(key, "a string")),
+    }
+}
+
+fn integer(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(Some(v)),
+            None => Err(ApiError::invalid(key, format!("`{key}` must be a non-negative integer, got {n}"))),
+        },
+        Some(_) => Err(ApiError::wrong_type(key, "an integer")),
+    }
+}
+
+fn number(obj: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(_) => Err(ApiError::wrong_type(key, "a number")),
+    }
+}
+
+fn parse_scheduler(s: &str) -> Result<SamplerKind, ApiError> {
+    serde_json::from_value(Value::String(s.to_string())).map_err(|_| {
+        ApiError::invalid(
+            "scheduler",
+            format!("Unknown scheduler `{s}`; expected one of: ddim, ddpm, euler, euler-ancestral, lcm"),
+        )
+    })
+}
+
+/// Parse `WxH` (or `auto` for the model default).
+pub fn parse_size(s: &str) -> Result<Option<(usize, usize)>, ApiError> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    let bad =
+        || ApiError::invalid("size", format!("`size` must look like `512x512` (WIDTHxHEIGHT) or `auto`, got `{s}`"));
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: usize = w.trim().parse().map_err(|_| bad())?;
+    let h: usize = h.trim().parse().map_err(|_| bad())?;
+    Ok(Some((w, h)))
+}
+
+/// Decode base64 in the standard or URL-safe alphabet, padded or not.
+pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let s = s.trim();
+    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD].iter().find_map(|e| e.decode(s).ok())
+}
+
+/// A request that passed validation.
+#[derive(Debug)]
+pub struct Validated {
+    pub params: GenerationParams,
+    /// The seed was chosen by the server.
+    pub random_seed: bool,
+}
+
+/// Check a typed request against the limits and the model it targets.
+pub fn check(req: ImageGenerationRequest, limits: &Limits, model: &ModelSummary) -> Result<Validated, ApiError> {
+    let info = &model.info;
+    let chars = req.prompt.chars().count();
+    if chars > limits.max_prompt_chars {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("`prompt` has {chars} characters; the limit is {}", limits.max_prompt_chars),
+        ));
+    }
+    if let Some(neg) = &req.negative_prompt {
+        let chars = neg.chars().count();
+        if chars > limits.max_prompt_chars {
+            return Err(ApiError::invalid(
+                "negative_prompt",
+                format!("`negative_prompt` has {chars} characters; the limit is {}", limits.max_prompt_chars),
+            ));
+        }
+    }
+    match req.response_format.as_deref() {
+        None | Some("b64_json") => {}
+        Some("url") => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "`response_format: url` is not supported: tiller does not host images; use `b64_json` (the default)",
+            ))
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!("Unknown response_format `{other}`; only `b64_json` is supported"),
+            ))
+        }
+    }
+    match req.output_format.as_deref() {
+        None | Some("png") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "output_format",
+                format!("Unsupported output_format `{other}`; only `png` is supported"),
+            ))
+        }
+    }
+    let n = req.n.unwrap_or(1) as usize;
+    if n < 1 || n > limits.max_n {
+        return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}, got {n}", limits.max_n)));
+    }
+    let f = info.vae_scale_factor.max(1);
+    let (width, height) = match req.size.as_deref().map(parse_size).transpose()?.flatten() {
+        Some(wh) => wh,
+        None => (info.default_size.1, info.default_size.0),
+    };
+    if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
+        return Err(ApiError::invalid(
+            "size",
+            format!(
+                "`size` {width}x{height}: width and height must be positive multiples of {f} for model `{}`",
+                model.name
+            ),
+        ));
+    }
+    if width > limits.max_width || height > limits.max_height || width * height > limits.max_pixels {
+        return Err(ApiError::invalid(
+            "size",
+            format!(
+                "`size` {width}x{height} exceeds the limits (width ≤ {}, height ≤ {}, width×height ≤ {})",
+                limits.max_width, limits.max_height, limits.max_pixels
+            ),
+        ));
+    }
+    if let Some(steps) = req.steps {
+        if steps < 1 || steps as usize > limits.max_steps {
+            return Err(ApiError::invalid(
+                "steps",
+                format!("`steps` must be between 1 and {} (limits.max_steps), got {steps}", limits.max_steps),
+            ));
+        }
+    }
+    if let Some(g) = req.guidance_scale {
+        if !(0.0..=MAX_GUIDANCE).contains(&g) {
+            return Err(ApiError::invalid(
+                "guidance_scale",
+                format!("`guidance_scale` must be between 0 and {MAX_GUIDANCE}, got {g}"),
+            ));
+        }
+    }
+    if let Some(eta) = req.eta {
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(ApiError::invalid("eta", format!("`eta` must be between 0 and 1, got {eta}")));
+        }
+    }
+    // Sampler-specific limits (LCM's original_inference_steps, num_train_timesteps, scheduler
+    // configs tiller cannot sample); the default step counts are always valid.
+    let scheduler = req.scheduler.unwrap_or(model.default_scheduler);
+    let steps = req.steps.map(|s| s as usize).unwrap_or(1);
+    if let Err(e) = crate::sampling::check_params(scheduler, &info.scheduler, steps, req.eta.unwrap_or(0.0)) {
+        return Err(match e {
+            crate::error::TillerError::InvalidField { field, message } => {
+                ApiError::invalid(&field, format!("`{field}`: {message}"))
+            }
+            other => ApiError::invalid("scheduler", other.to_string()),
+        });
+    }
+    let init_latents = match &req.init_latents {
+        None => None,
+        Some(b64) => {
+            let bytes = decode_base64(b64)
+                .ok_or_else(|| ApiError::invalid("init_latents", "`init_latents` is not valid base64"))?;
+            let t = crate::util::tensor_io::read_init_latents(&bytes)
+                .map_err(|e| ApiError::invalid("init_latents", format!("`init_latents`: {e}")))?;
+            let expected = [n, info.latent_channels, height / f, width / f];
+            if t.dims() != expected {
+                return Err(ApiError::invalid(
+                    "init_latents",
+                    format!(
+                        "`init_latents` has shape {:?}; expected {:?} (n, channels, height/{f}, width/{f}) for n={n}, size={width}x{height}",
+                        t.dims(),
+                        expected
+                    ),
+                ));
+            }
+            Some(t)
+        }
+    };
+    let (seed, random_seed) = match req.seed {
+        Some(s) => (s, false),
+        // 53 bits, so that JavaScript clients can hold the reported seed exactly.
+        None => (rand::random::<u64>() >> 11, true),
+    };
+    let params = GenerationParams {
+        prompt: req.prompt,
+        negative_prompt: req.negative_prompt,
+        n,
+        width: Some(width),
+        height: Some(height),
+        steps: req.steps.map(|s| s as usize),
+        guidance_scale: req.guidance_scale,
+        scheduler: req.scheduler,
+        eta: req.eta,
+        seed,
+        init_latents,
+    };
+    Ok(Validated { params, random_seed })
+}

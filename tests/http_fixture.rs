@@ -1,0 +1,82 @@
+//! End-to-end HTTP test on the tiny SD 1.5-layout fixture model through the real loader.
+
+mod http_support;
+
+use std::time::Duration;
+
+use http_support::*;
+use serde_json::json;
+use tiller::config::Config;
+use tiller::engine::{Engine, EngineOptions, EngineState, LoadedModel};
+
+async fn fixture_server(names: &[&str]) -> TestServer {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let engine = Engine::start(
+        Box::new(move || {
+            names
+                .iter()
+                .map(|n| {
+                    tiller::models::loader::load_model(
+                        n,
+                        &fixture_dir(n),
+                        &candle_core::Device::Cpu,
+                        candle_core::DType::F32,
+                    )
+                    .map(|m| LoadedModel::new(n.clone(), m))
+                    .map_err(|e| e.to_string())
+                })
+                .collect()
+        }),
+        EngineOptions { queue_depth: 4, default_model: Some("sd15-tiny".into()) },
+    );
+    let state = engine.wait_ready_blocking(Duration::from_secs(60));
+    assert_eq!(state, EngineState::Ready);
+    start(engine, &Config::default()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixture_models_generate_over_http() {
+    let s = fixture_server(&["sd15-tiny", "lcm-tiny", "turbo-tiny", "sd2-tiny"]).await;
+    let models: serde_json::Value = s.get("/v1/models").await.json().await.unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["lcm-tiny", "sd15-tiny", "sd2-tiny", "turbo-tiny"]);
+    let sd15 = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "sd15-tiny").unwrap();
+    assert_eq!(sd15["tiller"]["default"], true);
+    assert_eq!(sd15["tiller"]["family"], "stable-diffusion");
+
+    // Happy path on the default model, explicit size.
+    let req = json!({"prompt": "a red circle", "negative_prompt": "blue", "size": "32x16", "steps": 3, "seed": 1});
+    let (st, a) = s.generate(req.clone()).await;
+    assert_eq!(st, 200, "{a}");
+    let img = &a["data"][0];
+    let (w, h, _) = decode_png(img["b64_json"].as_str().unwrap());
+    assert_eq!((w, h), (32, 16));
+    assert_eq!(img["tiller"]["model"], "sd15-tiny");
+    assert_eq!(img["tiller"]["denoiser_evals"], 6);
+    let (_, b) = s.generate(req).await;
+    assert_eq!(a["data"][0]["b64_json"], b["data"][0]["b64_json"], "same seed, same bytes");
+
+    // Model defaults: LCM takes 4 steps through its guidance embedding (one eval per step),
+    // turbo 1 step without CFG.
+    let (st, lcm) = s.generate(json!({"prompt": "x", "model": "lcm-tiny", "seed": 2})).await;
+    assert_eq!(st, 200, "{lcm}");
+    assert_eq!(lcm["data"][0]["tiller"]["scheduler"], "lcm");
+    assert_eq!(lcm["data"][0]["tiller"]["steps"], 4);
+    assert_eq!(lcm["data"][0]["tiller"]["denoiser_evals"], 4);
+    let (st, turbo) = s.generate(json!({"prompt": "x", "model": "turbo-tiny", "n": 2})).await;
+    assert_eq!(st, 200, "{turbo}");
+    assert_eq!(turbo["data"][0]["tiller"]["steps"], 1);
+    assert_eq!(turbo["data"][0]["tiller"]["denoiser_evals"], 2);
+    let (st, v) = s.generate(json!({"prompt": "x", "model": "sd2-tiny", "steps": 2, "scheduler": "euler"})).await;
+    assert_eq!(st, 200, "{v}");
+
+    // A prompt longer than 77 tokens is truncated and reported.
+    let long = "word ".repeat(100);
+    let (st, t) = s.generate(json!({"prompt": long, "steps": 1})).await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["data"][0]["tiller"]["prompt_truncated"], true);
+
+    // LCM steps above original_inference_steps are refused before queueing.
+    let (st, e) = s.generate(json!({"prompt": "x", "model": "lcm-tiny", "steps": 60})).await;
+    assert_error(st, &e, 422, Some("steps"));
+}
