@@ -116,9 +116,7 @@ async fn create_image_inner(
         }
     };
     let out = out.map_err(|e| match e {
-        JobError::Invalid(msg) => {
-            ApiError::invalid(if msg.contains("init_latents") { "init_latents" } else { "size" }, msg)
-        }
+        JobError::Invalid { field, message } => ApiError::invalid(field, message),
         JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "The job was cancelled"),
         JobError::Failed(msg) => ApiError::internal(format!("Generation failed: {msg}")),
         JobError::WorkerGone => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "The engine stopped"),

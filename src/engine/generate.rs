@@ -1,10 +1,9 @@
 //! Seed-replayable generation shared by the CLI and the engine.
 
-use candle_core::{Shape, Tensor};
+use candle_core::Tensor;
 
 use crate::models::DiffusionModel;
-use crate::pipeline::{self, GenerationError, GenerationOutput, GenerationParams, PerImageNoise, Progress};
-use crate::sampling::NoiseSource;
+use crate::pipeline::{self, GenerationError, GenerationOutput, GenerationParams, Progress};
 
 /// A generation together with the unit-variance initial noise it started from.
 pub struct Replayable {
@@ -22,17 +21,9 @@ pub fn generate_replayable(
     params: &GenerationParams,
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Replayable, GenerationError> {
-    let n = params.n.max(1);
-    let resolved = pipeline::resolve(model, params);
-    let (b, c, h, w) = pipeline::latent_shape(model, n, resolved.height, resolved.width)?;
-    let mut noise = PerImageNoise::new(params.seed, n);
-    let drawn = noise.next(&Shape::from((b, c, h, w)), model.device())?;
-    let init = params.init_latents.clone().unwrap_or(drawn);
-    let mut p = params.clone();
-    p.n = n;
-    p.init_latents = Some(init.clone());
-    let output = pipeline::generate_with_noise(model, &p, &mut noise, progress)?;
-    Ok(Replayable { output, init_latents: init })
+    let output = pipeline::generate(model, params, progress)?;
+    let init_latents = output.init_latents.clone();
+    Ok(Replayable { output, init_latents })
 }
 
 /// Denoiser evaluations one step costs for `n` latents (two per latent under classifier-free

@@ -108,8 +108,8 @@ pub enum JobError {
     #[error("the job was cancelled")]
     Cancelled,
     /// The job's parameters were rejected by the pipeline (e.g. init_latents shape).
-    #[error("{0}")]
-    Invalid(String),
+    #[error("invalid value for `{field}`: {message}")]
+    Invalid { field: &'static str, message: String },
     #[error("generation failed: {0}")]
     Failed(String),
     #[error("the engine worker stopped")]
@@ -500,10 +500,13 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
             tracing::info!("job on `{label}` cancelled after step {step}");
             ("cancelled", Err(JobError::Cancelled))
         }
+        Ok(Err(GenerationError::InvalidInput { field, message })) => {
+            ("invalid", Err(JobError::Invalid { field, message }))
+        }
         Ok(Err(GenerationError::Candle(e))) => {
             c.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("job on `{label}` failed: {e}");
-            ("failed", Err(classify(e)))
+            ("failed", Err(JobError::Failed(e.to_string())))
         }
         Err(panic) => {
             c.failed.fetch_add(1, Ordering::Relaxed);
@@ -519,14 +522,4 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
     metrics::counter!(m::JOBS, "model" => label.clone(), "outcome" => outcome).increment(1);
     metrics::histogram!(m::JOB_DURATION, "model" => label, "outcome" => outcome).record(elapsed);
     let _ = job.reply.send(reply);
-}
-
-/// Pipeline errors caused by the request (shapes, sizes) versus internal failures.
-fn classify(e: candle_core::Error) -> JobError {
-    let msg = e.to_string();
-    if msg.contains("init_latents") || msg.contains("must be a multiple of") {
-        JobError::Invalid(msg)
-    } else {
-        JobError::Failed(msg)
-    }
 }

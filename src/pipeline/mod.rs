@@ -89,6 +89,8 @@ pub struct Timings {
 pub struct GenerationOutput {
     /// Final latents (before VAE scaling and decode), (n, C, h, w).
     pub latents: Tensor,
+    /// The unit-variance initial noise the run started from (given or drawn from the seed).
+    pub init_latents: Tensor,
     /// Decoded images in [0, 1], (n, 3, H, W) f32.
     pub images: Tensor,
     /// Seed of each image: image i of a request with seed s is image 0 of seed s + i.
@@ -105,6 +107,9 @@ pub struct GenerationOutput {
 pub enum GenerationError {
     #[error("cancelled at step {0}")]
     Cancelled(usize),
+    /// The request itself is inconsistent (shapes, sizes): a client error, not a failure.
+    #[error("invalid value for `{field}`: {message}")]
+    InvalidInput { field: &'static str, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -263,20 +268,23 @@ pub fn generate_with_noise(
     let n = p.n.max(1);
     let params = resolve(model, p);
     let device = model.device().clone();
-    let shape = latent_shape(model, n, params.height, params.width)?;
+    let shape = latent_shape(model, n, params.height, params.width)
+        .map_err(|e| GenerationError::InvalidInput { field: "size", message: e.to_string() })?;
+    // The initial noise is always drawn first, even when replaced, so the step noise that
+    // follows is the same as in the seed-only run: (seed, init_latents drawn from that seed)
+    // replays it exactly, for stochastic samplers too.
+    let drawn = noise.next(&Shape::from(shape), &device)?;
     let init = match &p.init_latents {
         Some(t) => {
             if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
-                return Err(candle_core::Error::Msg(format!(
-                    "init_latents has shape {:?}, expected {:?}",
-                    t.dims(),
-                    shape
-                ))
-                .into());
+                return Err(GenerationError::InvalidInput {
+                    field: "init_latents",
+                    message: format!("shape {:?} does not match the requested image: expected {:?}", t.dims(), shape),
+                });
             }
             t.to_dtype(DType::F32)?.to_device(&device)?
         }
-        None => noise.next(&Shape::from(shape), &device)?,
+        None => drawn,
     };
     let sampler = build_sampler(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
 
@@ -294,6 +302,7 @@ pub fn generate_with_noise(
 
     Ok(GenerationOutput {
         latents,
+        init_latents: init,
         images,
         seeds: (0..n as u64).map(|i| p.seed.wrapping_add(i)).collect(),
         params,
