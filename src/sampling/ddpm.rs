@@ -69,14 +69,6 @@ impl Sampler for Ddpm {
         self.timesteps[i] as f64
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(x.clone())
-    }
-
     fn predict_x0(&self, x: &Tensor, model_output: &Tensor, i: usize) -> Result<Tensor> {
         x0_from_output(self.prediction, x, model_output, self.abar[i])
     }

@@ -35,10 +35,14 @@ pub trait Sampler: Send + Sync {
     fn timestep(&self, i: usize) -> f64;
 
     /// diffusers' `init_noise_sigma`: unit-variance initial noise is multiplied by this.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// diffusers' `scale_model_input` for step `i`.
-    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(x.clone())
+    }
 
     /// The denoised prediction x0 at step `i` from the raw model output (per prediction type).
     fn predict_x0(&self, x: &Tensor, model_output: &Tensor, i: usize) -> Result<Tensor>;
