@@ -216,10 +216,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         bar.set_position(p.step as u64);
         true
     };
-    let r = crate::engine::generate_replayable(model.as_ref(), &params, &mut progress)
+    let out = crate::pipeline::generate(model.as_ref(), &params, &mut progress)
         .map_err(|e| TillerError::Other(anyhow::anyhow!("generation failed: {e}")))?;
     bar.finish_and_clear();
-    let out = &r.output;
     eprintln!(
         "done: {} denoiser evaluations; encode {:.0} ms, denoise {:.0} ms, decode {:.0} ms{}",
         out.denoiser_evals,
@@ -230,7 +229,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     );
     if let Some(path) = &args.save_latents {
         use crate::util::tensor_io::{save_tensors, IMAGE, INIT_LATENTS, LATENTS};
-        save_tensors(path, &[(LATENTS, &out.latents), (IMAGE, &out.images), (INIT_LATENTS, &r.init_latents)])?;
+        save_tensors(path, &[(LATENTS, &out.latents), (IMAGE, &out.images), (INIT_LATENTS, &out.init_latents)])?;
         eprintln!("wrote {}", path.display());
     }
     let output = match (&args.output, &args.save_latents) {

@@ -7,8 +7,6 @@
 //!   a running one stops at the next denoising step.
 //! * Models are loaded on the worker thread at start-up; until then the engine is not ready.
 
-pub mod generate;
-
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,8 +20,6 @@ use crate::models::{DiffusionModel, ModelInfo};
 use crate::pipeline::{GenerationError, GenerationParams, ResolvedParams, Timings};
 use crate::sampling::SamplerKind;
 use crate::util::metrics as m;
-
-pub use generate::{evals_per_step, generate_replayable, Replayable};
 
 /// A model handed to the engine.
 pub struct LoadedModel {
@@ -449,7 +445,7 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
     c.in_flight.fetch_add(1, Ordering::SeqCst);
     metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
     let t0 = Instant::now();
-    let per_step = evals_per_step(model.as_ref(), &job.params) as u64;
+    let per_step = crate::pipeline::evals_per_step(model.as_ref(), &job.params) as u64;
     let mut steps_done = 0u64;
     let cancel = job.cancel.clone();
     let steps_label = label.clone();
@@ -460,10 +456,10 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
         !cancel.load(Ordering::SeqCst)
     };
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let r = generate_replayable(model.as_ref(), &job.params, &mut progress)?;
-        let pngs = crate::util::png::encode_batch(&r.output.images)
+        let out = crate::pipeline::generate(model.as_ref(), &job.params, &mut progress)?;
+        let pngs = crate::util::png::encode_batch(&out.images)
             .map_err(|e| GenerationError::Candle(candle_core::Error::Msg(e.to_string())))?;
-        Ok::<_, GenerationError>((r.output, pngs))
+        Ok::<_, GenerationError>((out, pngs))
     }));
     let elapsed = t0.elapsed().as_secs_f64();
     c.in_flight.fetch_sub(1, Ordering::SeqCst);

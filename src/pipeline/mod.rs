@@ -140,6 +140,18 @@ impl NoiseSource for PerImageNoise {
     }
 }
 
+/// Classifier-free guidance runs when the scale exceeds 1 and the UNet does not take the scale
+/// as an embedding (diffusers' rule).
+pub fn uses_cfg(model: &dyn DiffusionModel, guidance_scale: f64) -> bool {
+    guidance_scale > 1.0 && !model.info().guidance_embedding
+}
+
+/// Denoiser evaluations one step costs for a request (two per latent under CFG).
+pub fn evals_per_step(model: &dyn DiffusionModel, p: &GenerationParams) -> usize {
+    let r = resolve(model, p);
+    p.n.max(1) * if uses_cfg(model, r.guidance_scale) { 2 } else { 1 }
+}
+
 /// Prompt conditioning for one request, with the guidance rule resolved.
 pub struct Conditioning {
     /// (n or 2n, L, D): [uncond; cond] when `cfg` is set.
@@ -159,7 +171,7 @@ impl Conditioning {
         n: usize,
     ) -> Result<Self> {
         let embedded = model.info().guidance_embedding;
-        let cfg = guidance_scale > 1.0 && !embedded;
+        let cfg = uses_cfg(model, guidance_scale);
         let prompts: Vec<String> =
             if cfg { vec![negative.unwrap_or("").to_string(), prompt.to_string()] } else { vec![prompt.to_string()] };
         let emb = model.encode_prompts(&prompts)?;
