@@ -22,7 +22,7 @@ pub enum Command {
     /// Serve the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
     /// Generate images from a prompt and write PNGs (and optionally latents).
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// List the models under the models root.
     Models(ModelsArgs),
     /// Print the OpenAPI document (the committed openapi/openapi.json).
@@ -141,16 +141,33 @@ pub struct GenerateArgs {
     /// Hide the progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Steering strategy as JSON, as in the HTTP request's `steering`, e.g.
+    /// '{"method": "fk", "particles": 8, "beta": 4}'.
+    #[arg(long, value_name = "JSON")]
+    pub steering: Option<String>,
+    /// Reward as JSON, as in the HTTP request's `reward`: '"brightness"',
+    /// '{"name": "color", "target": [1, 0, 0]}' or a list of weighted terms.
+    #[arg(long, value_name = "JSON")]
+    pub reward: Option<String>,
+    /// Config file whose `[rewards.*]` tables define named rewards (CLIP, http, ...).
+    #[arg(long, env = "TILLER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print each image's steering trace (JSON, one line per image) on stdout.
+    #[arg(long)]
+    pub trace: bool,
 }
 
 /// A model argument: an existing directory, or a name under `models_dir`.
 pub fn resolve_model_dir(model: &str, models_dir: &Path) -> Result<(String, PathBuf)> {
+    let is_model = |d: &Path| {
+        d.join("model_index.json").is_file() || d.join(crate::models::gaussian_mixture::CONFIG_FILE).is_file()
+    };
     let as_path = PathBuf::from(model);
-    let dir = if as_path.join("model_index.json").is_file() {
+    let dir = if is_model(&as_path) {
         as_path
     } else {
         let under = models_dir.join(model);
-        if under.join("model_index.json").is_file() {
+        if is_model(&under) {
             under
         } else {
             let known = crate::models::loader::discover_models(models_dir)
@@ -198,7 +215,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         seed,
         init_latents,
     };
-    let resolved = crate::pipeline::resolve(model.as_ref(), &params);
+    let steering = steering_request(args, &device)?;
+    let resolved = crate::steering::resolve(model.info(), &params, &steering.spec);
     eprintln!(
         "model {name}: {}x{}, {} steps of {:?}, guidance {}, seed {seed}",
         resolved.width, resolved.height, resolved.steps, resolved.scheduler, resolved.guidance_scale
@@ -216,20 +234,48 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         bar.set_position(p.step as u64);
         true
     };
-    let out = crate::pipeline::generate(model.as_ref(), &params, &mut progress)
-        .map_err(|e| TillerError::Other(anyhow::anyhow!("generation failed: {e}")))?;
+    let gen = crate::steering::generate(model.as_ref(), &params, &steering, &mut progress).map_err(|e| match e {
+        crate::pipeline::GenerationError::InvalidInput { field, message } => TillerError::field(field, message),
+        other => TillerError::Other(anyhow::anyhow!("generation failed: {other}")),
+    })?;
     bar.finish_and_clear();
+    let out = &gen.steered;
+    let t = &out.timings;
     eprintln!(
-        "done: {} denoiser evaluations; encode {:.0} ms, denoise {:.0} ms, decode {:.0} ms{}",
+        "done ({}): {} denoiser evaluations, {} reward evaluations; encode {:.0} ms, denoise {:.0} ms, \
+         reward {:.0} ms, decode {:.0} ms, other {:.0} ms{}",
+        steering.spec.method(),
         out.denoiser_evals,
-        out.timings.encode_ms,
-        out.timings.denoise_ms,
-        out.timings.decode_ms,
+        out.reward_evals,
+        t.encode_ms,
+        t.denoise_ms,
+        t.reward_ms,
+        t.decode_ms,
+        t.other_ms,
         if out.prompt_truncated { " (prompt truncated)" } else { "" }
     );
+    let latents = candle_core::Tensor::cat(&out.images.iter().map(|i| i.latents.clone()).collect::<Vec<_>>(), 0)?;
+    // The noise that replays each image: ReNO's optimised noise, else the run's own.
+    let replay_noise = match out.images.iter().map(|i| i.optimized_noise.clone()).collect::<Option<Vec<_>>>() {
+        Some(v) => Some(candle_core::Tensor::cat(&v, 0)?),
+        None => out.init_latents.clone(),
+    };
+    for (i, img) in out.images.iter().enumerate() {
+        if let Some(r) = img.reward {
+            eprintln!("image {i} (seed {}): reward {r}", gen.seeds[i]);
+        }
+        if args.trace {
+            let line = serde_json::json!({"image": i, "seed": gen.seeds[i], "reward": img.reward, "trace": img.trace});
+            println!("{line}");
+        }
+    }
     if let Some(path) = &args.save_latents {
         use crate::util::tensor_io::{save_tensors, IMAGE, INIT_LATENTS, LATENTS};
-        save_tensors(path, &[(LATENTS, &out.latents), (IMAGE, &out.images), (INIT_LATENTS, &out.init_latents)])?;
+        let mut tensors = vec![(LATENTS, &latents), (IMAGE, &out.decoded)];
+        if let Some(n) = &replay_noise {
+            tensors.push((INIT_LATENTS, n));
+        }
+        save_tensors(path, &tensors)?;
         eprintln!("wrote {}", path.display());
     }
     let output = match (&args.output, &args.save_latents) {
@@ -238,7 +284,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         (None, Some(_)) => None,
     };
     if let Some(path) = output {
-        let pngs = crate::util::png::encode_batch(&out.images)?;
+        let pngs = crate::util::png::encode_batch(&out.decoded)?;
         for (png, p) in pngs.iter().zip(crate::util::png::numbered_paths(&path, pngs.len())) {
             std::fs::write(&p, png).map_err(|e| TillerError::file(&p, format!("cannot write: {e}")))?;
             eprintln!("wrote {}", p.display());
@@ -248,6 +294,35 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 }
 
 /// Run `tiller models`.
+/// Parse `--steering` / `--reward` and build the reward from the built-ins and the config's
+/// `[rewards.*]`, with the same checks as the HTTP API.
+fn steering_request(args: &GenerateArgs, device: &candle_core::Device) -> Result<crate::steering::SteeringRequest> {
+    use crate::reward::{RewardError, RewardRegistry, RewardSpec};
+    use crate::steering::{SteeringLimits, SteeringSpec};
+    let spec: SteeringSpec = match &args.steering {
+        Some(j) => serde_json::from_str(j).map_err(|e| TillerError::field("steering", e.to_string()))?,
+        None => SteeringSpec::None,
+    };
+    let lim = SteeringLimits { max_particles: usize::MAX, max_reno_iterations: usize::MAX };
+    spec.validate(&lim).map_err(|(f, m)| TillerError::field(f, m))?;
+    let to_err = |e: RewardError| match e {
+        RewardError::Invalid { field, message } => TillerError::field(field, message),
+        other => TillerError::field("reward", other.to_string()),
+    };
+    let reward = match &args.reward {
+        Some(j) => {
+            let v: serde_json::Value = serde_json::from_str(j)
+                .or_else(|_| serde_json::from_str(&format!("\"{j}\"")))
+                .map_err(|e| TillerError::field("reward", e.to_string()))?;
+            let spec = RewardSpec::parse(&v).map_err(to_err)?;
+            let cfg = Config::load(args.config.as_deref())?;
+            Some(RewardRegistry::new(&cfg.rewards, device)?.build(&spec).map_err(to_err)?)
+        }
+        None => None,
+    };
+    Ok(crate::steering::SteeringRequest { spec, reward, trace: args.trace })
+}
+
 pub fn list_models(args: &ModelsArgs) -> Result<()> {
     for (name, dir) in crate::models::loader::discover_models(&args.models_dir)? {
         println!("{name}\t{}", dir.display());

@@ -20,6 +20,11 @@ pub struct Config {
     pub server: ServerConfig,
     pub models: ModelsConfig,
     pub limits: Limits,
+    /// `[rewards.NAME]`: named rewards that requests can steer towards, in addition to the
+    /// built-ins (`brightness`, `color`, `jpeg_compressibility`, `jpeg_incompressibility`); a
+    /// table named like a built-in replaces it. Each table has a `kind` and that kind's keys
+    /// (see [`crate::reward::RewardConfig`]). Not overridable from the environment.
+    pub rewards: std::collections::BTreeMap<String, crate::reward::RewardConfig>,
 }
 
 /// `[server]`: where to listen and who may call.
@@ -94,6 +99,11 @@ pub struct Limits {
     /// Time from receiving a request to its response, queueing included; past it the job is
     /// cancelled and the client gets 504.
     pub request_timeout_secs: u64,
+    /// Steering: particles (FK), candidates (SVDD) or samples (best-of-N) per image. A request
+    /// costs about n × this many denoiser batches' worth of memory.
+    pub max_particles: usize,
+    /// Steering: ReNO iterations per request.
+    pub max_reno_iterations: usize,
 }
 
 impl Default for Limits {
@@ -108,6 +118,8 @@ impl Default for Limits {
             max_body_bytes: 8 * 1024 * 1024,
             queue_depth: 16,
             request_timeout_secs: 300,
+            max_particles: 64,
+            max_reno_iterations: 200,
         }
     }
 }
@@ -300,7 +312,7 @@ impl Config {
             self.models.dtype = parse("TILLER_DTYPE", &v)?;
         }
         let l = &mut self.limits;
-        let usize_vars: [(&str, &mut usize); 8] = [
+        let usize_vars: [(&str, &mut usize); 10] = [
             ("TILLER_MAX_WIDTH", &mut l.max_width),
             ("TILLER_MAX_HEIGHT", &mut l.max_height),
             ("TILLER_MAX_PIXELS", &mut l.max_pixels),
@@ -309,6 +321,8 @@ impl Config {
             ("TILLER_MAX_PROMPT_CHARS", &mut l.max_prompt_chars),
             ("TILLER_MAX_BODY_BYTES", &mut l.max_body_bytes),
             ("TILLER_QUEUE_DEPTH", &mut l.queue_depth),
+            ("TILLER_MAX_PARTICLES", &mut l.max_particles),
+            ("TILLER_MAX_RENO_ITERATIONS", &mut l.max_reno_iterations),
         ];
         for (var, slot) in usize_vars {
             if let Some(v) = nonempty(var) {
@@ -324,6 +338,7 @@ impl Config {
     /// Check values that would make the server unusable.
     pub fn validate(&self) -> Result<()> {
         self.bind_addr()?;
+        crate::reward::registry::check_configs(&self.rewards)?;
         let l = &self.limits;
         let positive = [
             ("limits.max_width", l.max_width),
@@ -334,6 +349,8 @@ impl Config {
             ("limits.max_body_bytes", l.max_body_bytes),
             ("limits.queue_depth", l.queue_depth),
             ("limits.request_timeout_secs", l.request_timeout_secs as usize),
+            ("limits.max_particles", l.max_particles),
+            ("limits.max_reno_iterations", l.max_reno_iterations),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -373,6 +390,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TILLER_MAX_BODY_BYTES", "limits.max_body_bytes"),
     ("TILLER_QUEUE_DEPTH", "limits.queue_depth"),
     ("TILLER_REQUEST_TIMEOUT_SECS", "limits.request_timeout_secs"),
+    ("TILLER_MAX_PARTICLES", "limits.max_particles"),
+    ("TILLER_MAX_RENO_ITERATIONS", "limits.max_reno_iterations"),
 ];
 
 #[cfg(test)]

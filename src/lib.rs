@@ -10,5 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod models;
 pub mod pipeline;
+pub mod reward;
 pub mod sampling;
+pub mod steering;
 pub mod util;

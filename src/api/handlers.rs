@@ -56,8 +56,9 @@ fn submit_error(e: SubmitError) -> ApiError {
         (status = 429, description = "Queue full; see the Retry-After header", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),
+        (status = 502, description = "An `http` reward's scorer answered badly", body = ErrorResponse),
         (status = 503, description = "Models not loaded yet", body = ErrorResponse),
-        (status = 504, description = "Not finished within `limits.request_timeout_secs`; the job was cancelled", body = ErrorResponse),
+        (status = 504, description = "Not finished within `limits.request_timeout_secs` (the job was cancelled), or an `http` reward's scorer timed out", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -95,10 +96,12 @@ async fn create_image_inner(
     let req = validate::parse_body(&bytes)?;
     let model = state.engine.model(req.model.as_deref()).map_err(submit_error)?;
     *label = Some(model.name.clone());
-    let validated = validate::check(req, &state.limits, &model)?;
+    let validated = validate::check(req, &state.limits, &model, &state.rewards)?;
     let params = validated.params;
     let request_seed = params.seed;
-    let ticket = state.engine.submit(Job { model: Some(model.name.clone()), params }).map_err(submit_error)?;
+    let trace = validated.steering.trace;
+    let job = Job { model: Some(model.name.clone()), params, steering: validated.steering };
+    let ticket = state.engine.submit(job).map_err(submit_error)?;
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
     // Dropping `ticket` (timeout, or this future dropped because the client went away)
     // cancels the job at its next denoising step.
@@ -116,7 +119,13 @@ async fn create_image_inner(
         }
     };
     let out = out.map_err(|e| match e {
-        JobError::Invalid { field, message } => ApiError::invalid(field, message),
+        JobError::Invalid { field, message } => ApiError::invalid(&field, message),
+        JobError::Upstream(msg) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "reward_upstream_error", msg).with_param("reward")
+        }
+        JobError::UpstreamTimeout(msg) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "reward_upstream_timeout", msg).with_param("reward")
+        }
         JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "The job was cancelled"),
         JobError::Failed(msg) => ApiError::internal(format!("Generation failed: {msg}")),
         JobError::WorkerGone => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "The engine stopped"),
@@ -130,10 +139,18 @@ async fn create_image_inner(
         total_ms,
     };
     let p = &out.params;
-    let data = out
-        .images
-        .iter()
-        .map(|img| Image {
+    let mut data = Vec::with_capacity(out.images.len());
+    for img in &out.images {
+        let optimized_noise = match &img.optimized_noise {
+            Some(t) => Some(
+                base64::engine::general_purpose::STANDARD.encode(
+                    crate::util::tensor_io::to_safetensors_bytes(&[("latents", t)])
+                        .map_err(|e| ApiError::internal(format!("cannot serialise the optimised noise: {e}")))?,
+                ),
+            ),
+            None => None,
+        };
+        data.push(Image {
             b64_json: base64::engine::general_purpose::STANDARD.encode(&img.png),
             tiller: ImageMetadata {
                 seed: img.seed,
@@ -148,9 +165,18 @@ async fn create_image_inner(
                 denoiser_evals: out.denoiser_evals,
                 prompt_truncated: out.prompt_truncated,
                 timings: timings.clone(),
+                steering: SteeringMetadata {
+                    method: out.method.to_string(),
+                    reward_name: out.reward.clone(),
+                    reward: img.reward,
+                    reward_evals: out.reward_evals,
+                    phases: out.timings.clone(),
+                    optimized_noise,
+                    trace: trace.then(|| img.trace.clone()),
+                },
             },
-        })
-        .collect();
+        });
+    }
     Ok(ImagesResponse { created: unix_now(), data })
 }
 
@@ -222,6 +248,21 @@ pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>)
         .find(|s| s.name == model)
         .map(|s| Json(model_entry(s, default.as_deref())))
         .ok_or_else(|| ApiError::model_not_found(&model))
+}
+
+/// List the rewards requests can steer towards.
+#[utoipa::path(
+    get,
+    path = "/v1/rewards",
+    tag = "rewards",
+    responses(
+        (status = 200, description = "Built-in and configured rewards", body = RewardList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn list_rewards(State(state): State<AppState>) -> Json<RewardList> {
+    Json(RewardList { object: "list".into(), data: state.rewards.infos() })
 }
 
 fn health_status(state: &AppState) -> (bool, HealthStatus) {

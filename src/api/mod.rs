@@ -22,6 +22,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::{Config, Limits};
 use crate::engine::Engine;
+use crate::reward::RewardRegistry;
 
 pub use error::ApiError;
 pub use openapi::{openapi_json, ApiDoc};
@@ -35,15 +36,25 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Bearer token required on `/metrics`, if any.
     pub admin_key: Option<Arc<str>>,
+    /// Rewards requests can steer towards.
+    pub rewards: Arc<RewardRegistry>,
 }
 
 impl AppState {
-    pub fn new(engine: Engine, config: &Config) -> Self {
+    /// State with the built-in rewards plus the configured `[rewards.*]` (CLIP models load
+    /// here, on `device`).
+    pub fn new(engine: Engine, config: &Config, device: &candle_core::Device) -> crate::error::Result<Self> {
+        let rewards = RewardRegistry::new(&config.rewards, device)?;
+        Ok(Self::with_rewards(engine, config, rewards))
+    }
+
+    pub fn with_rewards(engine: Engine, config: &Config, rewards: RewardRegistry) -> Self {
         Self {
             engine,
             limits: Arc::new(config.limits.clone()),
             api_key: config.server.api_key.as_deref().map(Arc::from),
             admin_key: config.server.admin_key.as_deref().map(Arc::from),
+            rewards: Arc::new(rewards),
         }
     }
 }
@@ -57,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images/generations", post(handlers::create_image).layer(DefaultBodyLimit::max(body_limit)))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{model}", get(handlers::get_model))
+        .route("/v1/rewards", get(handlers::list_rewards))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
     let metrics = Router::new()
         .route("/metrics", get(handlers::metrics))
@@ -119,7 +131,12 @@ pub fn engine_from_config(config: &Config) -> crate::error::Result<Engine> {
             let t0 = std::time::Instant::now();
             let model = crate::models::loader::load_model(&name, &dir, &device, dtype).map_err(|e| e.to_string())?;
             tracing::info!("loaded model `{name}` from {} in {:.1}s", dir.display(), t0.elapsed().as_secs_f64());
-            let created = std::fs::metadata(dir.join("model_index.json"))
+            let marker = ["model_index.json", crate::models::gaussian_mixture::CONFIG_FILE]
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| dir.join("model_index.json"));
+            let created = std::fs::metadata(marker)
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -139,7 +156,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     let addr = config.bind_addr()?;
     let engine = engine_from_config(&config)?;
-    let state = AppState::new(engine.clone(), &config);
+    let state = AppState::new(engine.clone(), &config, &config.models.device.open()?)?;
     let app = router(state);
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;

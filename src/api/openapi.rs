@@ -14,12 +14,14 @@ use crate::sampling::SamplerKind;
         title = "tiller",
         description = "OpenAI-compatible image generation for diffusers-format Stable Diffusion \
                        models, with tiller extensions (seed, steps, scheduler, guidance, initial \
-                       latents) and per-image replay metadata."
+                       latents), inference-time steering towards a reward (best-of-N, FK \
+                       steering, SVDD, ReNO) and per-image replay metadata."
     ),
     paths(
         handlers::create_image,
         handlers::list_models,
         handlers::get_model,
+        handlers::list_rewards,
         handlers::health,
         handlers::ready,
         handlers::metrics
@@ -36,12 +38,30 @@ use crate::sampling::SamplerKind;
         HealthStatus,
         ErrorResponse,
         ErrorBody,
-        SamplerKind
+        SamplerKind,
+        SteeringMetadata,
+        RewardList,
+        crate::reward::RewardInfo,
+        crate::reward::RewardSpec,
+        crate::reward::RewardTerm,
+        crate::steering::SteeringSpec,
+        crate::steering::TraceEvent,
+        crate::steering::PhaseTimings,
+        crate::steering::Resampler,
+        crate::steering::best_of_n::BestOfNSpec,
+        crate::steering::fk::FkSpec,
+        crate::steering::fk::Potential,
+        crate::steering::fk::Select,
+        crate::steering::fk::ResampleSchedule,
+        crate::steering::svdd::SvddSpec,
+        crate::steering::reno::RenoSpec,
+        crate::steering::reno::Optimizer
     )),
     modifiers(&Security),
     tags(
         (name = "images", description = "Image generation (OpenAI Images API)"),
         (name = "models", description = "Loaded models (OpenAI Models API)"),
+        (name = "rewards", description = "Rewards that steering can maximise"),
         (name = "health", description = "Liveness, readiness and metrics")
     )
 )]

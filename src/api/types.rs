@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::reward::RewardSpec;
 use crate::sampling::SamplerKind;
+use crate::steering::{PhaseTimings, SteeringSpec, TraceEvent};
 
 /// `POST /v1/images/generations` request: the OpenAI Images API fields plus tiller extensions.
 ///
@@ -71,6 +73,20 @@ pub struct ImageGenerationRequest {
     /// (n, C, H/f, W/f): unit-variance initial noise, as `tiller generate --init-latents`.
     #[serde(default)]
     pub init_latents: Option<String>,
+    /// tiller: steering strategy (`method`: none, best_of_n, fk, svdd, reno); default none.
+    /// Each of the `n` images is an independent steered generation.
+    #[serde(default)]
+    #[schema(example = json!({"method": "fk", "particles": 8, "potential": "diff", "beta": 4.0}))]
+    pub steering: Option<SteeringSpec>,
+    /// tiller: the reward to steer towards (required by every method but `none`, where it is
+    /// only reported): a name from `GET /v1/rewards`, `{"name": ..., "weight": ..., "target": ...}`
+    /// or a list of such terms (a weighted sum).
+    #[serde(default)]
+    pub reward: Option<RewardSpec>,
+    /// tiller: include the steering trace (weights and ESS at each resampling, rewards per
+    /// step or ReNO iteration) in each image's metadata; default false.
+    #[serde(default)]
+    pub trace: Option<bool>,
 }
 
 /// `POST /v1/images/generations` response.
@@ -109,6 +125,39 @@ pub struct ImageMetadata {
     /// True when the prompt or negative prompt was cut at the text encoder's token limit.
     pub prompt_truncated: bool,
     pub timings: TimingsMs,
+    /// Steering: method, reward, work and trace.
+    pub steering: SteeringMetadata,
+}
+
+/// What steering did for one image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SteeringMetadata {
+    /// `none`, `best_of_n`, `fk`, `svdd` or `reno`.
+    pub method: String,
+    /// Name of the reward, when the request had one.
+    pub reward_name: Option<String>,
+    /// Reward of this image (null without a reward).
+    pub reward: Option<f32>,
+    /// Images scored by the reward for the whole request (particles, candidates, iterates).
+    pub reward_evals: usize,
+    /// Wall time per phase for the whole request.
+    pub phases: PhaseTimings,
+    /// ReNO with `return_noise`: base64 safetensors (tensor `latents`, (1, C, h, w)) of the
+    /// optimised initial noise; send it as `init_latents` with this image's seed, `method: none`
+    /// and the same parameters to replay the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimized_noise: Option<String>,
+    /// Present when the request set `trace: true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Vec<TraceEvent>>,
+}
+
+/// `GET /v1/rewards` response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RewardList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<crate::reward::registry::RewardInfo>,
 }
 
 /// Milliseconds spent per stage (for the whole request).

@@ -12,7 +12,9 @@ use super::types::ImageGenerationRequest;
 use crate::config::Limits;
 use crate::engine::ModelSummary;
 use crate::pipeline::GenerationParams;
+use crate::reward::{RewardError, RewardRegistry, RewardSpec};
 use crate::sampling::SamplerKind;
+use crate::steering::{SteeringLimits, SteeringRequest, SteeringSpec};
 
 /// Fields the endpoint accepts.
 pub const FIELDS: &[&str] = &[
@@ -32,6 +34,9 @@ pub const FIELDS: &[&str] = &[
     "eta",
     "seed",
     "init_latents",
+    "steering",
+    "reward",
+    "trace",
 ];
 
 /// Largest guidance scale accepted.
@@ -95,7 +100,63 @@ pub fn parse_value(value: Value) -> Result<ImageGenerationRequest, ApiError> {
         eta: number(&obj, "eta")?,
         seed: integer(&obj, "seed")?,
         init_latents: string(&obj, "init_latents")?,
+        steering: parse_steering(obj.get("steering"))?,
+        reward: match obj.get("reward") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(RewardSpec::parse(v).map_err(reward_error)?),
+        },
+        trace: match obj.get("trace") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => return Err(ApiError::wrong_type("trace", "a boolean")),
+        },
     })
+}
+
+fn parse_steering(v: Option<&Value>) -> Result<Option<SteeringSpec>, ApiError> {
+    let v = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    let Value::Object(obj) = v else {
+        return Err(ApiError::wrong_type("steering", "an object with a `method` field"));
+    };
+    const METHODS: &str = "none, best_of_n, fk, svdd, reno";
+    match obj.get("method") {
+        Some(Value::String(m)) if METHODS.split(", ").any(|x| x == m) => {}
+        Some(Value::String(m)) => {
+            return Err(ApiError::invalid(
+                "steering.method",
+                format!("Unknown steering method `{m}`; expected one of: {METHODS}"),
+            ))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "steering.method",
+                format!("`steering.method` is required: one of {METHODS}"),
+            ))
+        }
+    }
+    serde_json::from_value(v.clone())
+        .map_err(|e| {
+            // serde names the unknown or mistyped field in its message.
+            let msg = e.to_string();
+            let field = msg
+                .split('`')
+                .nth(1)
+                .filter(|f| obj.contains_key(*f) || msg.starts_with("unknown field"))
+                .map(|f| format!("steering.{f}"))
+                .unwrap_or_else(|| "steering".into());
+            ApiError::invalid(&field, format!("`steering`: {msg}"))
+        })
+        .map(Some)
+}
+
+fn reward_error(e: RewardError) -> ApiError {
+    match e {
+        RewardError::Invalid { field, message } => ApiError::invalid(&field, message),
+        other => ApiError::invalid("reward", other.to_string()),
+    }
 }
 
 fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
@@ -158,12 +219,18 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 #[derive(Debug)]
 pub struct Validated {
     pub params: GenerationParams,
+    pub steering: SteeringRequest,
     /// The seed was chosen by the server.
     pub random_seed: bool,
 }
 
-/// Check a typed request against the limits and the model it targets.
-pub fn check(req: ImageGenerationRequest, limits: &Limits, model: &ModelSummary) -> Result<Validated, ApiError> {
+/// Check a typed request against the limits, the model it targets and the rewards on offer.
+pub fn check(
+    req: ImageGenerationRequest,
+    limits: &Limits,
+    model: &ModelSummary,
+    rewards: &RewardRegistry,
+) -> Result<Validated, ApiError> {
     let info = &model.info;
     let chars = req.prompt.chars().count();
     if chars > limits.max_prompt_chars {
@@ -304,5 +371,71 @@ pub fn check(req: ImageGenerationRequest, limits: &Limits, model: &ModelSummary)
         seed,
         init_latents,
     };
-    Ok(Validated { params, random_seed })
+    let steering =
+        check_steering(req.steering.unwrap_or_default(), req.reward, req.trace, limits, model, rewards, &params)?;
+    Ok(Validated { params, steering, random_seed })
+}
+
+/// Steering fields: the spec's numbers, the reward (built from the registry), and the
+/// combinations that cannot work (deterministic sampler for FK/SVDD, non-differentiable reward
+/// for ReNO, init_latents for population methods).
+fn check_steering(
+    spec: SteeringSpec,
+    reward: Option<RewardSpec>,
+    trace: Option<bool>,
+    limits: &Limits,
+    model: &ModelSummary,
+    rewards: &RewardRegistry,
+    params: &GenerationParams,
+) -> Result<SteeringRequest, ApiError> {
+    let lim = SteeringLimits { max_particles: limits.max_particles, max_reno_iterations: limits.max_reno_iterations };
+    spec.validate(&lim).map_err(|(field, message)| ApiError::invalid(&field, format!("`{field}` {message}")))?;
+    let method = spec.method();
+    let reward = match reward {
+        Some(r) => Some(rewards.build(&r).map_err(reward_error)?),
+        None if spec.needs_reward() => {
+            return Err(ApiError::invalid(
+                "reward",
+                format!("steering method `{method}` needs a `reward` (GET /v1/rewards lists them)"),
+            ))
+        }
+        None => None,
+    };
+    if let (SteeringSpec::Reno(_), Some(r)) = (&spec, &reward) {
+        if !r.differentiable() {
+            return Err(ApiError::invalid(
+                "reward",
+                format!("ReNO needs a differentiable reward; `{}` is not (GET /v1/rewards says which are)", r.name()),
+            ));
+        }
+    }
+    if params.init_latents.is_some() && !matches!(spec, SteeringSpec::None | SteeringSpec::Reno(_)) {
+        return Err(ApiError::invalid(
+            "init_latents",
+            format!("`init_latents` works with steering methods none and reno; `{method}` starts from many noises"),
+        ));
+    }
+    if spec.needs_stochastic_sampler() {
+        let r = crate::steering::resolve(&model.info, params, &spec);
+        let stochastic = crate::sampling::build_sampler(r.scheduler, &model.info.scheduler, r.steps, r.eta)
+            .map(|s| s.is_stochastic())
+            .unwrap_or(true); // other problems are reported by the sampler checks
+        if !stochastic {
+            let field = if r.scheduler == SamplerKind::Ddim { "eta" } else { "scheduler" };
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "steering method `{method}` needs a stochastic sampler (copies of a particle never diverge \
+                     under deterministic steps); got `{}` with eta {}. Use ddim with eta > 0 (the default for \
+                     {method}), ddpm, euler-ancestral or lcm",
+                    serde_json::to_value(r.scheduler)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    r.eta
+                ),
+            ));
+        }
+    }
+    Ok(SteeringRequest { spec, reward, trace: trace.unwrap_or(false) })
 }

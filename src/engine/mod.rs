@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::models::{DiffusionModel, ModelInfo};
-use crate::pipeline::{GenerationError, GenerationParams, ResolvedParams, Timings};
+use crate::pipeline::{GenerationError, GenerationParams, ResolvedParams};
+use crate::reward::RewardError;
 use crate::sampling::SamplerKind;
+use crate::steering::{PhaseTimings, SteeringRequest, TraceEvent};
 use crate::util::metrics as m;
 
 /// A model handed to the engine.
@@ -77,6 +79,8 @@ pub struct Job {
     /// Model name; `None` = the default model.
     pub model: Option<String>,
     pub params: GenerationParams,
+    /// Strategy and reward (default: plain sampling, no reward).
+    pub steering: SteeringRequest,
 }
 
 /// One generated image.
@@ -84,6 +88,12 @@ pub struct Job {
 pub struct GeneratedImage {
     pub png: Vec<u8>,
     pub seed: u64,
+    /// Reward of this image, when the job had a reward.
+    pub reward: Option<f32>,
+    /// Steering trace (when asked for).
+    pub trace: Vec<TraceEvent>,
+    /// ReNO's optimised initial noise (1, C, h, w), when asked for.
+    pub optimized_noise: Option<candle_core::Tensor>,
 }
 
 /// A finished job.
@@ -93,10 +103,16 @@ pub struct JobOutput {
     pub images: Vec<GeneratedImage>,
     pub params: ResolvedParams,
     pub denoiser_evals: usize,
-    pub timings: Timings,
+    /// Images scored by the reward (all particles, candidates and iterates).
+    pub reward_evals: usize,
+    pub timings: PhaseTimings,
     /// Time the job waited in the queue.
     pub queue_ms: f64,
     pub prompt_truncated: bool,
+    /// Steering method that ran (`none` for plain sampling).
+    pub method: &'static str,
+    /// Name of the reward, if any.
+    pub reward: Option<String>,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -105,9 +121,15 @@ pub enum JobError {
     Cancelled,
     /// The job's parameters were rejected by the pipeline (e.g. init_latents shape).
     #[error("invalid value for `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid { field: String, message: String },
     #[error("generation failed: {0}")]
     Failed(String),
+    /// An external reward scorer failed (502).
+    #[error("{0}")]
+    Upstream(String),
+    /// An external reward scorer timed out (504).
+    #[error("{0}")]
+    UpstreamTimeout(String),
     #[error("the engine worker stopped")]
     WorkerGone,
 }
@@ -174,6 +196,7 @@ struct Inner {
 struct QueuedJob {
     model: String,
     params: GenerationParams,
+    steering: SteeringRequest,
     cancel: Arc<AtomicBool>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<JobOutput, JobError>>,
@@ -298,6 +321,7 @@ impl Engine {
         let queued = QueuedJob {
             model: summary.name,
             params: job.params,
+            steering: job.steering,
             cancel: cancel.clone(),
             enqueued: Instant::now(),
             reply,
@@ -445,7 +469,8 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
     c.in_flight.fetch_add(1, Ordering::SeqCst);
     metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
     let t0 = Instant::now();
-    let per_step = crate::pipeline::evals_per_step(model.as_ref(), &job.params) as u64;
+    let per_step =
+        (crate::pipeline::evals_per_step(model.as_ref(), &job.params) * job.steering.spec.latents_per_image()) as u64;
     let mut steps_done = 0u64;
     let cancel = job.cancel.clone();
     let steps_label = label.clone();
@@ -456,8 +481,8 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
         !cancel.load(Ordering::SeqCst)
     };
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let out = crate::pipeline::generate(model.as_ref(), &job.params, &mut progress)?;
-        let pngs = crate::util::png::encode_batch(&out.images)
+        let out = crate::steering::generate(model.as_ref(), &job.params, &job.steering, &mut progress)?;
+        let pngs = crate::util::png::encode_batch(&out.steered.decoded)
             .map_err(|e| GenerationError::Candle(candle_core::Error::Msg(e.to_string())))?;
         Ok::<_, GenerationError>((out, pngs))
     }));
@@ -468,23 +493,38 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
     let (outcome, reply) = match result {
         Ok(Ok((out, pngs))) => {
             c.completed.fetch_add(1, Ordering::Relaxed);
-            c.denoiser_evals.fetch_add(out.denoiser_evals as u64, Ordering::Relaxed);
-            metrics::counter!(m::DENOISER_EVALS, "model" => label.clone()).increment(out.denoiser_evals as u64);
+            let st = out.steered;
+            c.denoiser_evals.fetch_add(st.denoiser_evals as u64, Ordering::Relaxed);
+            metrics::counter!(m::DENOISER_EVALS, "model" => label.clone()).increment(st.denoiser_evals as u64);
+            metrics::counter!(m::REWARD_EVALS, "model" => label.clone()).increment(st.reward_evals as u64);
             metrics::counter!(m::IMAGES, "model" => label.clone()).increment(pngs.len() as u64);
             // Exponential moving average of completed job times for Retry-After.
             let prev = f64::from_bits(c.avg_job_secs.load(Ordering::Relaxed));
             let avg = if prev == 0.0 { elapsed } else { 0.8 * prev + 0.2 * elapsed };
             c.avg_job_secs.store(avg.to_bits(), Ordering::Relaxed);
-            let images =
-                pngs.into_iter().zip(out.seeds.iter()).map(|(png, &seed)| GeneratedImage { png, seed }).collect();
+            let images = pngs
+                .into_iter()
+                .zip(out.seeds.iter())
+                .zip(st.images)
+                .map(|((png, &seed), img)| GeneratedImage {
+                    png,
+                    seed,
+                    reward: img.reward,
+                    trace: img.trace,
+                    optimized_noise: img.optimized_noise,
+                })
+                .collect();
             let output = JobOutput {
                 model: label.clone(),
                 images,
                 params: out.params,
-                denoiser_evals: out.denoiser_evals,
-                timings: out.timings,
+                denoiser_evals: st.denoiser_evals,
+                reward_evals: st.reward_evals,
+                timings: st.timings,
                 queue_ms: queue_wait.as_secs_f64() * 1e3,
-                prompt_truncated: out.prompt_truncated,
+                prompt_truncated: st.prompt_truncated,
+                method: job.steering.spec.method(),
+                reward: job.steering.reward.as_ref().map(|r| r.name().to_string()),
             };
             ("completed", Ok(output))
         }
@@ -497,7 +537,18 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
             ("cancelled", Err(JobError::Cancelled))
         }
         Ok(Err(GenerationError::InvalidInput { field, message })) => {
-            ("invalid", Err(JobError::Invalid { field, message }))
+            ("invalid", Err(JobError::Invalid { field: field.to_string(), message }))
+        }
+        Ok(Err(GenerationError::Reward(e))) => {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("job on `{label}`: {e}");
+            let reply = match e {
+                RewardError::Invalid { field, message } => JobError::Invalid { field, message },
+                RewardError::Upstream { .. } => JobError::Upstream(e.to_string()),
+                RewardError::Timeout { .. } => JobError::UpstreamTimeout(e.to_string()),
+                RewardError::Candle(e) => JobError::Failed(e.to_string()),
+            };
+            ("failed", Err(reply))
         }
         Ok(Err(GenerationError::Candle(e))) => {
             c.failed.fetch_add(1, Ordering::Relaxed);

@@ -47,7 +47,16 @@ impl ClipTextConfig {
     }
 }
 
-struct EncoderLayer {
+/// Sizes of one pre-norm transformer layer; CLIP's text and vision towers share the layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+}
+
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -61,29 +70,30 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vb: VarBuilder, c: &ClipTextConfig, act: Activation) -> Result<Self> {
-        let h = c.hidden_size;
+    pub(crate) fn load(vb: VarBuilder, d: LayerDims, act: Activation) -> Result<Self> {
+        let h = d.hidden;
         let attn = vb.pp("self_attn");
         Ok(Self {
-            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), h, d.eps)?,
             q_proj: Linear::load(attn.pp("q_proj"), h, h, true)?,
             k_proj: Linear::load(attn.pp("k_proj"), h, h, true)?,
             v_proj: Linear::load(attn.pp("v_proj"), h, h, true)?,
             out_proj: Linear::load(attn.pp("out_proj"), h, h, true)?,
-            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), h, c.layer_norm_eps)?,
-            fc1: Linear::load(vb.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?,
-            fc2: Linear::load(vb.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?,
-            heads: c.num_attention_heads,
+            layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), h, d.eps)?,
+            fc1: Linear::load(vb.pp("mlp").pp("fc1"), h, d.intermediate, true)?,
+            fc2: Linear::load(vb.pp("mlp").pp("fc2"), d.intermediate, h, true)?,
+            heads: d.heads,
             act,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `mask` is added to the attention scores (the text tower's causal mask; none for vision).
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let q = self.q_proj.forward(&h)?;
         let k = self.k_proj.forward(&h)?;
         let v = self.v_proj.forward(&h)?;
-        let a = self.out_proj.forward(&attention(&q, &k, &v, self.heads, Some(mask))?)?;
+        let a = self.out_proj.forward(&attention(&q, &k, &v, self.heads, mask)?)?;
         let x = (x + a)?;
         let h = self.layer_norm2.forward(&x)?;
         let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
@@ -123,8 +133,14 @@ impl ClipTextModel {
         let emb = tm.pp("embeddings");
         let token_embedding = emb.get((config.vocab_size, h), "token_embedding.weight")?;
         let position_embedding = emb.get((config.max_position_embeddings, h), "position_embedding.weight")?;
+        let dims = LayerDims {
+            hidden: h,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+            eps: config.layer_norm_eps,
+        };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(tm.pp("encoder.layers").pp(i.to_string()), config, act))
+            .map(|i| EncoderLayer::load(tm.pp("encoder.layers").pp(i.to_string()), dims, act))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::load(tm.pp("final_layer_norm"), h, config.layer_norm_eps)?;
         let text_projection = if config.with_projection() {
@@ -162,7 +178,7 @@ impl ClipTextModel {
         let keep = self.layers.len().saturating_sub(clip_skip);
         let mut last = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
             if i + 1 == keep {
                 last = x.clone();
             }

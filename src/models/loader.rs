@@ -6,17 +6,19 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use crate::error::{Result, TillerError};
+use crate::models::gaussian_mixture::{self, GaussianMixtureModel};
 use crate::models::stable_diffusion::{LoadOptions, StableDiffusion};
 use crate::models::DiffusionModel;
 
-/// Model directories directly under `root` (each holding `model_index.json`), sorted by name.
+/// Model directories directly under `root` (each holding `model_index.json`, or `gmm.json` for
+/// the analytic Gaussian-mixture model), sorted by name.
 pub fn discover_models(root: &Path) -> Result<Vec<(String, PathBuf)>> {
     let entries =
         std::fs::read_dir(root).map_err(|e| TillerError::file(root, format!("cannot read models directory: {e}")))?;
     let mut out = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
-        if p.join("model_index.json").is_file() {
+        if p.join("model_index.json").is_file() || p.join(gaussian_mixture::CONFIG_FILE).is_file() {
             if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
                 out.push((name.to_string(), p.clone()));
             }
@@ -34,6 +36,9 @@ pub fn load_model(name: &str, dir: &Path, device: &Device, dtype: DType) -> Resu
     check_dtype(device, dtype)?;
     if !dir.is_dir() {
         return Err(TillerError::file(dir, "model directory does not exist"));
+    }
+    if dir.join(gaussian_mixture::CONFIG_FILE).is_file() {
+        return Ok(Arc::new(GaussianMixtureModel::load(name, dir, device)?));
     }
     if !dir.join("model_index.json").is_file() {
         return Err(TillerError::file(dir.join("model_index.json"), "missing: not a diffusers model directory"));

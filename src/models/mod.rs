@@ -6,7 +6,9 @@
 //! [`DiffusionModel`], so samplers and steering strategies never know which one they drive.
 
 pub mod clip_text;
+pub mod clip_vision;
 pub mod cpu_kernels;
+pub mod gaussian_mixture;
 pub mod loader;
 pub mod nn;
 pub mod random_init;

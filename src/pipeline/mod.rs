@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
-use crate::models::DiffusionModel;
+use crate::models::{DiffusionModel, ModelInfo};
 use crate::sampling::{build_sampler, NoiseSource, Sampler, SamplerKind, SeededNoise, TimestepSpacing};
 
 /// What a caller asks for; `None` fields take the model's defaults (see [`resolve`]).
@@ -40,7 +40,12 @@ pub struct ResolvedParams {
 /// The sampler a model's scheduler config names (`_class_name`); schedulers tiller does not
 /// implement (PNDM, DPM-Solver, ...) fall back to DDIM on the same betas.
 pub fn default_sampler(model: &dyn DiffusionModel) -> SamplerKind {
-    match model.info().scheduler.class_name.as_str() {
+    default_sampler_for(model.info())
+}
+
+/// [`default_sampler`] from the model's static facts.
+pub fn default_sampler_for(info: &ModelInfo) -> SamplerKind {
+    match info.scheduler.class_name.as_str() {
         "DDPMScheduler" => SamplerKind::Ddpm,
         "EulerDiscreteScheduler" => SamplerKind::Euler,
         "EulerAncestralDiscreteScheduler" => SamplerKind::EulerAncestral,
@@ -52,13 +57,19 @@ pub fn default_sampler(model: &dyn DiffusionModel) -> SamplerKind {
 /// Apply model defaults: LCM → 4 steps (guidance 8.5 through the embedding, 1.0 without one);
 /// trailing-spaced Euler (SD-Turbo) → 1 step without guidance; otherwise 50 steps at 7.5.
 pub fn resolve(model: &dyn DiffusionModel, p: &GenerationParams) -> ResolvedParams {
-    let info = model.info();
-    let scheduler = p.scheduler.unwrap_or_else(|| default_sampler(model));
+    resolve_for(model.info(), p)
+}
+
+/// [`resolve`] from the model's static facts (what request validation has).
+pub fn resolve_for(info: &ModelInfo, p: &GenerationParams) -> ResolvedParams {
+    let scheduler = p.scheduler.unwrap_or_else(|| default_sampler_for(info));
     let turbo = info.scheduler.timestep_spacing == Some(TimestepSpacing::Trailing)
         && matches!(scheduler, SamplerKind::Euler | SamplerKind::EulerAncestral);
     let (steps, guidance) = match scheduler {
         SamplerKind::Lcm => (4, if info.guidance_embedding { 8.5 } else { 1.0 }),
         _ if turbo => (1, 0.0),
+        // Models that ignore prompts gain nothing from guidance but twice the work.
+        _ if info.max_prompt_tokens == 0 => (50, 1.0),
         _ => (50, 7.5),
     };
     ResolvedParams {
@@ -107,6 +118,9 @@ pub struct GenerationOutput {
 pub enum GenerationError {
     #[error("cancelled at step {0}")]
     Cancelled(usize),
+    /// A reward failed (bad reward spec: 4xx; external scorer: 502/504).
+    #[error(transparent)]
+    Reward(#[from] crate::reward::RewardError),
     /// The request itself is inconsistent (shapes, sizes): a client error, not a failure.
     #[error("invalid value for `{field}`: {message}")]
     InvalidInput { field: &'static str, message: String },
@@ -115,6 +129,7 @@ pub enum GenerationError {
 }
 
 /// One independent seeded generator per image, so an image's noise does not depend on `n`.
+/// A batch may hold several latents per image (steering particles); see [`NoiseSource::next`].
 pub struct PerImageNoise {
     gens: Vec<SeededNoise>,
 }
@@ -123,13 +138,21 @@ impl PerImageNoise {
     pub fn new(seed: u64, n: usize) -> Self {
         Self { gens: (0..n as u64).map(|i| SeededNoise::new(seed.wrapping_add(i))).collect() }
     }
+
+    /// One generator per given seed.
+    pub fn new_with_seeds(seeds: &[u64]) -> Self {
+        Self { gens: seeds.iter().map(|&s| SeededNoise::new(s)).collect() }
+    }
 }
 
 impl NoiseSource for PerImageNoise {
     fn next(&mut self, shape: &Shape, device: &Device) -> Result<Tensor> {
+        // Group-major: with k latents per image (particles, candidates), image i's generator
+        // fills rows i·k .. (i+1)·k, so an image's noise never depends on `n`.
         let dims = shape.dims();
-        if dims.first() != Some(&self.gens.len()) {
-            candle_core::bail!("noise shape {dims:?} does not match {} images", self.gens.len());
+        let g = self.gens.len();
+        if dims.first().is_none_or(|&b| b == 0 || b % g != 0) {
+            candle_core::bail!("noise shape {dims:?} does not match {g} images");
         }
         let per = shape.elem_count() / self.gens.len();
         let mut v = Vec::with_capacity(shape.elem_count());

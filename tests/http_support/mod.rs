@@ -117,7 +117,7 @@ impl TestServer {
 
 /// Bind the router for `engine` on 127.0.0.1:0 within the current tokio runtime.
 pub async fn start(engine: Engine, config: &Config) -> TestServer {
-    let state = AppState::new(engine, config);
+    let state = AppState::new(engine, config, &candle_core::Device::Cpu).unwrap();
     let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

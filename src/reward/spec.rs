@@ -1,0 +1,200 @@
+//! The `reward` field of a request: which reward to steer towards.
+//!
+//! Three JSON forms:
+//!
+//! * `"brightness"`: a reward by name;
+//! * `{"name": "color", "target": [1.0, 0.0, 0.0]}`: one term with parameters;
+//! * `[{"name": "clip_score", "weight": 1.0}, {"name": "jpeg_compressibility", "weight": 0.1}]`:
+//!   a weighted sum.
+//!
+//! [`RewardSpec::parse`] reads a `serde_json::Value` and names the offending field in every
+//! error (`reward[1].weight`), which serde's untagged-enum messages cannot. The registry
+//! ([`super::RewardRegistry::build`]) resolves names and checks the rest.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::{RewardError, RewardResult};
+
+/// A reward to maximise: a name, one term, or a weighted sum of terms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+#[schema(example = json!([{"name": "clip_score", "weight": 1.0}, {"name": "jpeg_compressibility", "weight": 0.1}]))]
+pub enum RewardSpec {
+    /// A reward by name (`GET /v1/rewards` lists them), weight 1.
+    Name(String),
+    /// One reward with parameters.
+    Term(RewardTerm),
+    /// `Σ weight · reward` over the terms (at least one).
+    Sum(Vec<RewardTerm>),
+}
+
+/// One reward in a spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RewardTerm {
+    /// Reward name.
+    #[schema(example = "color")]
+    pub name: String,
+    /// Multiplier of this reward's score; default 1. Must be finite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+    /// Target `[r, g, b]` in [0, 1], for `color`-kind rewards only (overrides a configured one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!([1.0, 0.0, 0.0]))]
+    pub target: Option<[f64; 3]>,
+}
+
+impl RewardTerm {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self { name: name.into(), weight: None, target: None }
+    }
+
+    /// The weight, 1 when absent.
+    pub fn weight(&self) -> f64 {
+        self.weight.unwrap_or(1.0)
+    }
+}
+
+/// A term of a spec together with the request fields to blame for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocatedTerm {
+    pub term: RewardTerm,
+    /// Field of the reward name: `reward`, `reward.name` or `reward[i].name`.
+    pub name_field: String,
+    /// Prefix of the term's other fields: `reward` or `reward[i]`.
+    pub prefix: String,
+}
+
+impl LocatedTerm {
+    /// `prefix.key`, e.g. `reward[1].weight`.
+    pub fn field(&self, key: &str) -> String {
+        format!("{}.{key}", self.prefix)
+    }
+}
+
+impl RewardSpec {
+    /// Read the `reward` field of a request body, naming the offending field on error.
+    pub fn parse(value: &Value) -> RewardResult<Self> {
+        match value {
+            Value::String(s) => Ok(Self::Name(s.clone())),
+            Value::Object(_) => Ok(Self::Term(parse_term(value, "reward")?)),
+            Value::Array(items) => Ok(Self::Sum(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| parse_term(v, &format!("reward[{i}]")))
+                    .collect::<Result<_, _>>()?,
+            )),
+            other => Err(RewardError::invalid(
+                "reward",
+                format!("expected a reward name, a {{\"name\": ...}} object or a list of them, got {}", kind(other)),
+            )),
+        }
+    }
+
+    /// The terms with their field names, after the structural checks: non-empty list,
+    /// non-empty names, finite weights. Names are resolved by the registry.
+    pub fn terms(&self) -> RewardResult<Vec<LocatedTerm>> {
+        let located = match self {
+            Self::Name(name) => vec![LocatedTerm {
+                term: RewardTerm::named(name.clone()),
+                name_field: "reward".into(),
+                prefix: "reward".into(),
+            }],
+            Self::Term(term) => {
+                vec![LocatedTerm { term: term.clone(), name_field: "reward.name".into(), prefix: "reward".into() }]
+            }
+            Self::Sum(terms) => {
+                if terms.is_empty() {
+                    return Err(RewardError::invalid("reward", "the list of reward terms is empty"));
+                }
+                terms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, term)| LocatedTerm {
+                        term: term.clone(),
+                        name_field: format!("reward[{i}].name"),
+                        prefix: format!("reward[{i}]"),
+                    })
+                    .collect()
+            }
+        };
+        for t in &located {
+            if t.term.name.trim().is_empty() {
+                return Err(RewardError::invalid(&t.name_field, "reward name is empty"));
+            }
+            let w = t.term.weight();
+            if !w.is_finite() {
+                return Err(RewardError::invalid(
+                    t.field("weight"),
+                    format!("weight must be a finite number, got {w}"),
+                ));
+            }
+        }
+        Ok(located)
+    }
+
+    /// The structural checks of [`RewardSpec::terms`] alone.
+    pub fn validate(&self) -> RewardResult<()> {
+        self.terms().map(|_| ())
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_term(value: &Value, prefix: &str) -> RewardResult<RewardTerm> {
+    let Value::Object(obj) = value else {
+        return Err(RewardError::invalid(prefix, format!("expected a {{\"name\": ...}} object, got {}", kind(value))));
+    };
+    if let Some(key) = obj.keys().find(|k| !["name", "weight", "target"].contains(&k.as_str())) {
+        return Err(RewardError::invalid(
+            format!("{prefix}.{key}"),
+            format!("unknown field `{key}`; a reward term has `name`, `weight` and `target`"),
+        ));
+    }
+    let name = match obj.get("name") {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => return Err(RewardError::invalid(format!("{prefix}.name"), "missing reward name")),
+        Some(other) => {
+            return Err(RewardError::invalid(
+                format!("{prefix}.name"),
+                format!("expected a string, got {}", kind(other)),
+            ))
+        }
+    };
+    let weight = match obj.get("weight") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(other) => {
+            return Err(RewardError::invalid(
+                format!("{prefix}.weight"),
+                format!("expected a number, got {}", kind(other)),
+            ))
+        }
+    };
+    let target = match obj.get("target") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_rgb(v).ok_or_else(|| {
+            RewardError::invalid(format!("{prefix}.target"), format!("expected [r, g, b] (three numbers), got {v}"))
+        })?),
+    };
+    Ok(RewardTerm { name, weight, target })
+}
+
+fn parse_rgb(v: &Value) -> Option<[f64; 3]> {
+    match v.as_array()?.as_slice() {
+        [r, g, b] => Some([r.as_f64()?, g.as_f64()?, b.as_f64()?]),
+        _ => None,
+    }
+}

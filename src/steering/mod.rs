@@ -1,0 +1,493 @@
+//! Steering strategies: inference-time methods that bias generation towards high reward.
+//!
+//! Each strategy composes a [`Sampler`], a [`DiffusionModel`] and a [`Reward`] and lives in
+//! its own file: `best_of_n`, `fk` (Feynman–Kac particle resampling), `svdd` (soft value-based
+//! decoding) and `reno` (initial-noise optimisation). A request for `n` images runs `n`
+//! independent steered generations ("groups"); all latents of all groups go through the
+//! denoiser as one batch, and particles are only ever resampled within their own group.
+//! Group `g` draws all its noise from seed `seed + g`, so a result replays from its seed.
+
+pub mod best_of_n;
+pub mod fk;
+pub mod reno;
+pub mod svdd;
+pub mod weights;
+
+use std::time::Instant;
+
+use candle_core::{Shape, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha12Rng;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::models::DiffusionModel;
+use crate::pipeline::{Conditioning, GenerationError, PerImageNoise, Progress};
+use crate::reward::Reward;
+use crate::sampling::{NoiseSource, Sampler};
+
+pub use weights::Resampler;
+
+/// `steering` in a generation request. The `method` field selects the strategy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum SteeringSpec {
+    /// Plain sampling (the reward, if given, is only reported).
+    #[default]
+    None,
+    BestOfN(best_of_n::BestOfNSpec),
+    Fk(fk::FkSpec),
+    Svdd(svdd::SvddSpec),
+    Reno(reno::RenoSpec),
+}
+
+impl SteeringSpec {
+    pub fn method(&self) -> &'static str {
+        match self {
+            SteeringSpec::None => "none",
+            SteeringSpec::BestOfN(_) => "best_of_n",
+            SteeringSpec::Fk(_) => "fk",
+            SteeringSpec::Svdd(_) => "svdd",
+            SteeringSpec::Reno(_) => "reno",
+        }
+    }
+
+    /// Latents per image in one denoiser batch (particles, candidates, samples).
+    pub fn latents_per_image(&self) -> usize {
+        match self {
+            SteeringSpec::None | SteeringSpec::Reno(_) => 1,
+            SteeringSpec::BestOfN(s) => s.n,
+            SteeringSpec::Fk(s) => s.particles,
+            SteeringSpec::Svdd(s) => s.candidates,
+        }
+    }
+
+    pub fn needs_reward(&self) -> bool {
+        !matches!(self, SteeringSpec::None)
+    }
+
+    /// FK and SVDD need transitions that inject noise: with deterministic steps, copies of a
+    /// particle (or candidates from one state) never diverge.
+    pub fn needs_stochastic_sampler(&self) -> bool {
+        matches!(self, SteeringSpec::Fk(_) | SteeringSpec::Svdd(_))
+    }
+
+    /// Check the spec's own numbers; errors name the field (`steering.particles`, ...).
+    pub fn validate(&self, limits: &SteeringLimits) -> Result<(), (String, String)> {
+        let field = |f: &str, m: String| Err((format!("steering.{f}"), m));
+        let count = |f: &str, v: usize| {
+            if v == 0 || v > limits.max_particles {
+                field(f, format!("must be in [1, {}] (limits.max_particles), got {v}", limits.max_particles))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            SteeringSpec::None => Ok(()),
+            SteeringSpec::BestOfN(s) => count("n", s.n),
+            SteeringSpec::Fk(s) => {
+                count("particles", s.particles)?;
+                s.validate().or_else(|(f, m)| field(&f, m))
+            }
+            SteeringSpec::Svdd(s) => {
+                count("candidates", s.candidates)?;
+                s.validate().or_else(|(f, m)| field(&f, m))
+            }
+            SteeringSpec::Reno(s) => {
+                if s.iterations == 0 || s.iterations > limits.max_reno_iterations {
+                    return field(
+                        "iterations",
+                        format!(
+                            "must be in [1, {}] (limits.max_reno_iterations), got {}",
+                            limits.max_reno_iterations, s.iterations
+                        ),
+                    );
+                }
+                s.validate().or_else(|(f, m)| field(&f, m))
+            }
+        }
+    }
+}
+
+/// Server limits on steering work.
+#[derive(Debug, Clone, Copy)]
+pub struct SteeringLimits {
+    pub max_particles: usize,
+    pub max_reno_iterations: usize,
+}
+
+/// Everything a strategy needs for one request.
+pub struct SteerContext<'a> {
+    pub model: &'a dyn DiffusionModel,
+    pub sampler: &'a dyn Sampler,
+    pub reward: Option<&'a dyn Reward>,
+    pub prompt: &'a str,
+    pub negative_prompt: Option<&'a str>,
+    pub guidance_scale: f64,
+    /// One seed per image (group).
+    pub seeds: Vec<u64>,
+    /// Latent shape of one image (C, h, w).
+    pub latent_shape: (usize, usize, usize),
+    /// Unit-variance initial noise per image, (n, C, h, w), replacing the seeded draw
+    /// (`none` and `reno` only: the other strategies start from many noises per image).
+    pub init_latents: Option<Tensor>,
+    /// Record per-step traces.
+    pub trace: bool,
+}
+
+/// One event of a steering trace.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TraceEvent {
+    /// Denoising step (0 = noisiest), or ReNO iteration.
+    pub step: usize,
+    /// What happened: `resample`, `reweight`, `final`, `select`, `iteration`.
+    pub kind: String,
+    /// Reward of each particle / candidate (or of the image, for ReNO).
+    pub rewards: Vec<f32>,
+    /// Normalised importance weights before resampling (FK) or selection probabilities (SVDD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f64>>,
+    /// Effective sample size of `weights`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ess: Option<f64>,
+    /// Ancestors drawn (FK) or the chosen candidate/particle (SVDD, final selection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<Vec<usize>>,
+    /// ReNO: the objective minimised (reward loss + regulariser) and the gradient norm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+}
+
+impl TraceEvent {
+    pub fn new(step: usize, kind: &str, rewards: Vec<f32>) -> Self {
+        Self { step, kind: kind.into(), rewards, weights: None, ess: None, chosen: None, loss: None, grad_norm: None }
+    }
+}
+
+/// Wall time per phase, milliseconds, for the whole request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct PhaseTimings {
+    /// Prompt encoding.
+    pub encode_ms: f64,
+    /// Denoiser calls (forward, and backward for ReNO).
+    pub denoise_ms: f64,
+    /// Decoding intermediate x0 predictions and scoring them (and the final images).
+    pub reward_ms: f64,
+    /// Decoding the final images.
+    pub decode_ms: f64,
+    /// Everything else: noise, resampling, gathers, optimiser updates.
+    pub other_ms: f64,
+}
+
+/// One image of a steered request.
+#[derive(Debug)]
+pub struct SteeredImage {
+    /// Final latent (1, C, h, w).
+    pub latents: Tensor,
+    /// Reward of the returned image (when a reward was given).
+    pub reward: Option<f32>,
+    pub trace: Vec<TraceEvent>,
+    /// ReNO: the optimised unit-variance initial noise (1, C, h, w) that replays this image.
+    pub optimized_noise: Option<Tensor>,
+}
+
+/// What a strategy returns.
+#[derive(Debug)]
+pub struct Steered {
+    pub images: Vec<SteeredImage>,
+    /// Decoded images in [0, 1], (n, 3, H, W).
+    pub decoded: Tensor,
+    /// Initial noise of the run, (n, C, h, w) for `none`/`reno`; `None` for population methods.
+    pub init_latents: Option<Tensor>,
+    /// Denoiser evaluations of the whole request, each CFG branch counted.
+    pub denoiser_evals: usize,
+    /// Reward evaluations (images scored) of the whole request.
+    pub reward_evals: usize,
+    pub timings: PhaseTimings,
+    pub prompt_truncated: bool,
+}
+
+/// Run `spec` for the request described by `ctx`.
+pub fn run(
+    ctx: &SteerContext,
+    spec: &SteeringSpec,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Steered, GenerationError> {
+    let invalid = |field: &'static str, message: String| GenerationError::InvalidInput { field, message };
+    if spec.needs_reward() && ctx.reward.is_none() {
+        return Err(invalid("reward", format!("steering method `{}` needs a reward", spec.method())));
+    }
+    if spec.needs_stochastic_sampler() && !ctx.sampler.is_stochastic() {
+        return Err(invalid(
+            "scheduler",
+            format!(
+                "steering method `{}` needs a stochastic sampler: with deterministic steps copies of a \
+                 particle never diverge. Use `ddim` with eta > 0, `ddpm`, `euler-ancestral` or `lcm`",
+                spec.method()
+            ),
+        ));
+    }
+    if ctx.init_latents.is_some() && !matches!(spec, SteeringSpec::None | SteeringSpec::Reno(_)) {
+        return Err(invalid(
+            "init_latents",
+            format!("`{}` starts from many noises per image; init_latents works with `none` and `reno`", spec.method()),
+        ));
+    }
+    match spec {
+        SteeringSpec::None => best_of_n::run(ctx, &best_of_n::BestOfNSpec { n: 1 }, progress),
+        SteeringSpec::BestOfN(s) => best_of_n::run(ctx, s, progress),
+        SteeringSpec::Fk(s) => fk::run(ctx, s, progress),
+        SteeringSpec::Svdd(s) => svdd::run(ctx, s, progress),
+        SteeringSpec::Reno(s) => reno::run(ctx, s, progress),
+    }
+}
+
+/// Shared machinery: per-image noise and resampling RNGs, timed denoiser and reward calls,
+/// evaluation counters.
+pub(crate) struct Runner<'a, 'c> {
+    pub ctx: &'a SteerContext<'c>,
+    pub noise: PerImageNoise,
+    /// One RNG per image for resampling and selection, independent of the noise stream.
+    pub rngs: Vec<ChaCha12Rng>,
+    pub denoiser_evals: usize,
+    pub reward_evals: usize,
+    pub timings: PhaseTimings,
+    started: Instant,
+}
+
+impl<'a, 'c> Runner<'a, 'c> {
+    pub fn new(ctx: &'a SteerContext<'c>) -> Self {
+        let rngs = ctx.seeds.iter().map(|&s| ChaCha12Rng::seed_from_u64(s ^ 0x5EED_5A3B_1E5C_A1E5)).collect();
+        Self {
+            ctx,
+            noise: PerImageNoise::new_with_seeds(&ctx.seeds),
+            rngs,
+            denoiser_evals: 0,
+            reward_evals: 0,
+            timings: PhaseTimings::default(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.ctx.seeds.len()
+    }
+
+    /// Conditioning for `per_group` latents per image (timed as encoding).
+    pub fn conditioning(&mut self, per_group: usize) -> candle_core::Result<Conditioning> {
+        let t = Instant::now();
+        let c = Conditioning::new(
+            self.ctx.model,
+            self.ctx.prompt,
+            self.ctx.negative_prompt,
+            self.ctx.guidance_scale,
+            self.groups() * per_group,
+        )?;
+        self.timings.encode_ms += ms(t);
+        Ok(c)
+    }
+
+    /// Standard-normal noise for `per_group` latents of every image, group-major.
+    pub fn noise(&mut self, per_group: usize) -> candle_core::Result<Tensor> {
+        let (c, h, w) = self.ctx.latent_shape;
+        let shape = Shape::from((self.groups() * per_group, c, h, w));
+        self.noise.next(&shape, self.ctx.model.device())
+    }
+
+    /// Initial latents: the per-image seeded draw (always made, so the step noise that follows
+    /// is the same whether or not `init_latents` replaces it), scaled by the sampler.
+    pub fn initial(&mut self, per_group: usize) -> Result<(Tensor, Tensor), GenerationError> {
+        let drawn = self.noise(per_group)?;
+        let unit = match &self.ctx.init_latents {
+            Some(t) if per_group == 1 => {
+                if t.dims() != drawn.dims() {
+                    return Err(GenerationError::InvalidInput {
+                        field: "init_latents",
+                        message: format!(
+                            "shape {:?} does not match the requested image: expected {:?}",
+                            t.dims(),
+                            drawn.dims()
+                        ),
+                    });
+                }
+                t.to_dtype(candle_core::DType::F32)?.to_device(self.ctx.model.device())?
+            }
+            _ => drawn,
+        };
+        let x = (&unit * self.ctx.sampler.init_noise_sigma())?;
+        Ok((unit, x))
+    }
+
+    /// Guided model output at step `i` for latents `x` (batch must match `cond`).
+    pub fn predict(&mut self, cond: &Conditioning, x: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+        let t = Instant::now();
+        let s = self.ctx.sampler;
+        let x_in = s.scale_model_input(x, i)?;
+        let out = cond.predict(self.ctx.model, &x_in, s.timestep(i))?;
+        self.denoiser_evals += x.dim(0)? * cond.evals_per_latent();
+        self.timings.denoise_ms += ms(t);
+        Ok(out)
+    }
+
+    /// Decode latents and score them: one reward per latent.
+    pub fn score(&mut self, latents: &Tensor) -> Result<Vec<f32>, GenerationError> {
+        let reward = self.ctx.reward.expect("checked in run()");
+        let t = Instant::now();
+        let images = self.ctx.model.decode(latents)?;
+        let r = reward.score(&images, self.ctx.prompt)?;
+        if r.len() != latents.dim(0)? {
+            return Err(GenerationError::Candle(candle_core::Error::Msg(format!(
+                "reward `{}` returned {} scores for {} images",
+                reward.name(),
+                r.len(),
+                latents.dim(0)?
+            ))));
+        }
+        self.reward_evals += r.len();
+        self.timings.reward_ms += ms(t);
+        Ok(r)
+    }
+
+    /// Score already decoded images (final images).
+    pub fn score_images(&mut self, images: &Tensor) -> Result<Option<Vec<f32>>, GenerationError> {
+        let Some(reward) = self.ctx.reward else { return Ok(None) };
+        let t = Instant::now();
+        let r = reward.score(images, self.ctx.prompt)?;
+        self.reward_evals += r.len();
+        self.timings.reward_ms += ms(t);
+        Ok(Some(r))
+    }
+
+    pub fn decode(&mut self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let t = Instant::now();
+        let d = self.ctx.model.decode(latents)?;
+        self.timings.decode_ms += ms(t);
+        Ok(d)
+    }
+
+    /// Assemble the result; `other_ms` is what the timed phases do not cover.
+    pub fn finish(
+        mut self,
+        images: Vec<SteeredImage>,
+        decoded: Tensor,
+        init_latents: Option<Tensor>,
+        cond_truncated: bool,
+    ) -> Steered {
+        let total = ms(self.started);
+        let t = &self.timings;
+        self.timings.other_ms = (total - t.encode_ms - t.denoise_ms - t.reward_ms - t.decode_ms).max(0.0);
+        Steered {
+            images,
+            decoded,
+            init_latents,
+            denoiser_evals: self.denoiser_evals,
+            reward_evals: self.reward_evals,
+            timings: self.timings,
+            prompt_truncated: cond_truncated,
+        }
+    }
+}
+
+pub(crate) fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Global row indices `g·k + a` for per-group ancestor lists.
+pub(crate) fn global_indices(per_group: &[Vec<usize>], k: usize) -> Vec<u32> {
+    per_group.iter().enumerate().flat_map(|(g, a)| a.iter().map(move |&j| (g * k + j) as u32)).collect()
+}
+
+/// Rows `idx` of `t` (dim 0).
+pub(crate) fn gather(t: &Tensor, idx: &[u32]) -> candle_core::Result<Tensor> {
+    let ids = Tensor::from_slice(idx, idx.len(), t.device())?;
+    t.index_select(&ids, 0)
+}
+
+/// Report progress; `Err(Cancelled)` when the caller asked to stop.
+pub(crate) fn tick(
+    progress: &mut dyn FnMut(Progress) -> bool,
+    step: usize,
+    total: usize,
+) -> Result<(), GenerationError> {
+    if progress(Progress { step, total }) {
+        Ok(())
+    } else {
+        Err(GenerationError::Cancelled(step))
+    }
+}
+
+/// A steering request as the engine receives it: the strategy, the reward built from the
+/// registry, and whether to record traces.
+#[derive(Clone, Default)]
+pub struct SteeringRequest {
+    pub spec: SteeringSpec,
+    pub reward: Option<std::sync::Arc<dyn Reward>>,
+    pub trace: bool,
+}
+
+impl std::fmt::Debug for SteeringRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SteeringRequest")
+            .field("spec", &self.spec)
+            .field("reward", &self.reward.as_ref().map(|r| r.name().to_string()))
+            .field("trace", &self.trace)
+            .finish()
+    }
+}
+
+/// A finished steered generation with the parameters it ran with.
+#[derive(Debug)]
+pub struct SteeredGeneration {
+    pub steered: Steered,
+    pub params: crate::pipeline::ResolvedParams,
+    /// Seed of each image (request seed + index).
+    pub seeds: Vec<u64>,
+}
+
+/// The sampler parameters a steering request runs with: the model's defaults, except that FK and
+/// SVDD default to DDIM with η = 1 (DDPM-like noise; the reference code's setting) when the
+/// request leaves η unset.
+pub fn resolve(
+    info: &crate::models::ModelInfo,
+    p: &crate::pipeline::GenerationParams,
+    spec: &SteeringSpec,
+) -> crate::pipeline::ResolvedParams {
+    let mut r = crate::pipeline::resolve_for(info, p);
+    if spec.needs_stochastic_sampler() && p.eta.is_none() && r.scheduler == crate::sampling::SamplerKind::Ddim {
+        r.eta = 1.0;
+    }
+    r
+}
+
+/// Text-to-image generation steered by `req`: resolve defaults, build the sampler, run the
+/// strategy. With `method: none` this draws the same noise as [`crate::pipeline::generate`] and
+/// gives the same images.
+pub fn generate(
+    model: &dyn DiffusionModel,
+    p: &crate::pipeline::GenerationParams,
+    req: &SteeringRequest,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<SteeredGeneration, GenerationError> {
+    let n = p.n.max(1);
+    let params = resolve(model.info(), p, &req.spec);
+    let (_, c, h, w) = crate::pipeline::latent_shape(model, n, params.height, params.width)
+        .map_err(|e| GenerationError::InvalidInput { field: "size", message: e.to_string() })?;
+    let sampler = crate::sampling::build_sampler(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+    let seeds: Vec<u64> = (0..n as u64).map(|i| p.seed.wrapping_add(i)).collect();
+    let ctx = SteerContext {
+        model,
+        sampler: sampler.as_ref(),
+        reward: req.reward.as_deref(),
+        prompt: &p.prompt,
+        negative_prompt: p.negative_prompt.as_deref(),
+        guidance_scale: params.guidance_scale,
+        seeds: seeds.clone(),
+        latent_shape: (c, h, w),
+        init_latents: p.init_latents.clone(),
+        trace: req.trace,
+    };
+    let steered = run(&ctx, &req.spec, progress)?;
+    Ok(SteeredGeneration { steered, params, seeds })
+}
