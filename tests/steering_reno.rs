@@ -10,7 +10,7 @@ use tiller::pipeline::GenerationError;
 use tiller::reward::brightness::Brightness;
 use tiller::reward::jpeg::JpegReward;
 use tiller::reward::Reward;
-use tiller::sampling::{build_sampler, Sampler, SamplerKind};
+use tiller::sampling::{build_sampler, NoiseSource, Sampler, SamplerKind, SeededNoise};
 use tiller::steering::reno::{reward_of_noise, Optimizer, RenoSpec};
 use tiller::steering::{run, SteerContext, SteeringSpec};
 
@@ -59,8 +59,11 @@ fn reno(iterations: usize, optimizer: Optimizer, lr: f64) -> RenoSpec {
 fn check_gradient(c: &SteerContext, h: f64, tol: f64) {
     let (ch, hh, ww) = c.latent_shape;
     let n = c.seeds.len();
-    let eps0 = Tensor::randn(0f32, 1.0, (n, ch, hh, ww), &Device::Cpu).unwrap();
-    let dir = Tensor::randn(0f32, 1.0, (n, ch, hh, ww), &Device::Cpu).unwrap();
+    // Seeded, so the check is the same on every run.
+    let mut rng = SeededNoise::new(c.seeds[0] ^ 0xD1);
+    let shape = candle_core::Shape::from((n, ch, hh, ww));
+    let eps0 = rng.next(&shape, &Device::Cpu).unwrap();
+    let dir = rng.next(&shape, &Device::Cpu).unwrap();
     let var = Var::from_tensor(&eps0).unwrap();
     let r = reward_of_noise(c, var.as_tensor()).unwrap();
     let grads = r.sum_all().unwrap().backward().unwrap();
@@ -90,7 +93,8 @@ fn reno_gradient_matches_finite_differences_on_sd_turbo_fixture() {
     let m = turbo();
     let s = build_sampler(SamplerKind::Euler, &m.info().scheduler, 1, 0.0).unwrap();
     let r = Brightness::new();
-    check_gradient(&ctx(m.as_ref(), s.as_ref(), &r, vec![3], 0.0), 1e-2, 2e-2);
+    // Small steps: the decoder's clamp to [0, 1] has kinks that larger steps straddle.
+    check_gradient(&ctx(m.as_ref(), s.as_ref(), &r, vec![3], 0.0), 1e-3, 2e-2);
 }
 
 fn rewards_of(trace: &[tiller::steering::TraceEvent]) -> Vec<f32> {
