@@ -300,7 +300,14 @@ fn steering_request(args: &GenerateArgs, device: &candle_core::Device) -> Result
     use crate::reward::{RewardError, RewardRegistry, RewardSpec};
     use crate::steering::{SteeringLimits, SteeringSpec};
     let spec: SteeringSpec = match &args.steering {
-        Some(j) => serde_json::from_str(j).map_err(|e| TillerError::field("steering", e.to_string()))?,
+        // The HTTP API's parser, so that errors name the field the same way.
+        Some(j) => {
+            let v: serde_json::Value =
+                serde_json::from_str(j).map_err(|e| TillerError::field("steering", format!("not valid JSON: {e}")))?;
+            crate::api::validate::parse_steering(Some(&v))
+                .map_err(|e| TillerError::Other(anyhow::anyhow!("--steering: {}", e.message)))?
+                .unwrap_or_default()
+        }
         None => SteeringSpec::None,
     };
     let lim = SteeringLimits { max_particles: usize::MAX, max_reno_iterations: usize::MAX };

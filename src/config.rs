@@ -25,6 +25,34 @@ pub struct Config {
     /// table named like a built-in replaces it. Each table has a `kind` and that kind's keys
     /// (see [`crate::reward::RewardConfig`]). Not overridable from the environment.
     pub rewards: std::collections::BTreeMap<String, crate::reward::RewardConfig>,
+    pub adapters: AdaptersConfig,
+}
+
+/// `[adapters]`: LoRA adapters and the cache of adapted model variants.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptersConfig {
+    /// Directory of adapter files (`NAME.safetensors`, or `NAME/` with a PEFT or diffusers
+    /// LoRA file). Missing = no adapters. `POST /v1/adapters` registers files inside it only.
+    pub root: PathBuf,
+    /// Memory budget for cached merged variants, MiB.
+    pub cache_mib: usize,
+    /// `auto` (unmerged for a combination's first request, merged and cached from its second),
+    /// `always` or `never`.
+    pub merge: crate::adapters::registry::MergePolicy,
+    /// Skip adapter keys that match no module of the model (logged) instead of answering 422.
+    pub lenient: bool,
+}
+
+impl Default for AdaptersConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("adapters"),
+            cache_mib: 2048,
+            merge: crate::adapters::registry::MergePolicy::Auto,
+            lenient: false,
+        }
+    }
 }
 
 /// `[server]`: where to listen and who may call.

@@ -3,6 +3,7 @@
 //!
 //! Data moves one way: `api → engine (queue) → pipeline (guidance, sampler ↔ model) → decode`.
 
+pub mod adapters;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -27,7 +27,7 @@ async fn fixture_server(names: &[&str]) -> TestServer {
                 })
                 .collect()
         }),
-        EngineOptions { queue_depth: 4, default_model: Some("sd15-tiny".into()) },
+        EngineOptions { queue_depth: 4, default_model: Some("sd15-tiny".into()), ..Default::default() },
     );
     let state = engine.wait_ready_blocking(Duration::from_secs(60));
     assert_eq!(state, EngineState::Ready);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use tiller::models::gaussian_mixture::GaussianMixtureModel;
 use tiller::models::DiffusionModel;
 use tiller::pipeline::GenerationError;

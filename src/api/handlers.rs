@@ -100,7 +100,8 @@ async fn create_image_inner(
     let params = validated.params;
     let request_seed = params.seed;
     let trace = validated.steering.trace;
-    let job = Job { model: Some(model.name.clone()), params, steering: validated.steering };
+    let job =
+        Job { model: Some(model.name.clone()), params, steering: validated.steering, adapters: validated.adapters };
     let ticket = state.engine.submit(job).map_err(submit_error)?;
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
     // Dropping `ticket` (timeout, or this future dropped because the client went away)

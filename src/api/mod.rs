@@ -20,6 +20,7 @@ use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::adapters::registry::AdapterRegistry;
 use crate::config::{Config, Limits};
 use crate::engine::Engine;
 use crate::reward::RewardRegistry;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub admin_key: Option<Arc<str>>,
     /// Rewards requests can steer towards.
     pub rewards: Arc<RewardRegistry>,
+    /// LoRA adapters requests can apply.
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 impl AppState {
@@ -45,16 +48,19 @@ impl AppState {
     /// here, on `device`).
     pub fn new(engine: Engine, config: &Config, device: &candle_core::Device) -> crate::error::Result<Self> {
         let rewards = RewardRegistry::new(&config.rewards, device)?;
-        Ok(Self::with_rewards(engine, config, rewards))
+        let adapters = AdapterRegistry::open(&config.adapters.root)
+            .map_err(|e| crate::error::TillerError::field("adapters.root", e.to_string()))?;
+        Ok(Self::with_parts(engine, config, rewards, adapters))
     }
 
-    pub fn with_rewards(engine: Engine, config: &Config, rewards: RewardRegistry) -> Self {
+    pub fn with_parts(engine: Engine, config: &Config, rewards: RewardRegistry, adapters: AdapterRegistry) -> Self {
         Self {
             engine,
             limits: Arc::new(config.limits.clone()),
             api_key: config.server.api_key.as_deref().map(Arc::from),
             admin_key: config.server.admin_key.as_deref().map(Arc::from),
             rewards: Arc::new(rewards),
+            adapters: Arc::new(adapters),
         }
     }
 }
@@ -146,8 +152,13 @@ pub fn engine_from_config(config: &Config) -> crate::error::Result<Engine> {
         }
         Ok(out)
     });
-    let opts =
-        crate::engine::EngineOptions { queue_depth: config.limits.queue_depth, default_model: mc.default.clone() };
+    let opts = crate::engine::EngineOptions {
+        queue_depth: config.limits.queue_depth,
+        default_model: mc.default.clone(),
+        variant_cache_bytes: config.adapters.cache_mib << 20,
+        merge_policy: config.adapters.merge,
+        lenient_adapters: config.adapters.lenient,
+    };
     Ok(Engine::start(loader, opts))
 }
 

@@ -113,7 +113,8 @@ pub fn parse_value(value: Value) -> Result<ImageGenerationRequest, ApiError> {
     })
 }
 
-fn parse_steering(v: Option<&Value>) -> Result<Option<SteeringSpec>, ApiError> {
+/// Type-check the `steering` field; errors name the offending key (`steering.particles`).
+pub fn parse_steering(v: Option<&Value>) -> Result<Option<SteeringSpec>, ApiError> {
     let v = match v {
         None | Some(Value::Null) => return Ok(None),
         Some(v) => v,
@@ -127,7 +128,7 @@ fn parse_steering(v: Option<&Value>) -> Result<Option<SteeringSpec>, ApiError> {
         Some(Value::String(m)) => {
             return Err(ApiError::invalid(
                 "steering.method",
-                format!("Unknown steering method `{m}`; expected one of: {METHODS}"),
+                format!("`steering.method`: unknown steering method `{m}`; expected one of: {METHODS}"),
             ))
         }
         _ => {
@@ -137,17 +138,24 @@ fn parse_steering(v: Option<&Value>) -> Result<Option<SteeringSpec>, ApiError> {
             ))
         }
     }
+    // serde ignores every other key of the unit variant `none`; a typo must not pass silently.
+    if obj["method"] == "none" {
+        if let Some(k) = obj.keys().find(|k| *k != "method") {
+            let field = format!("steering.{k}");
+            return Err(ApiError::invalid(&field, format!("`{field}`: method `none` takes no parameters")));
+        }
+    }
     serde_json::from_value(v.clone())
         .map_err(|e| {
-            // serde names the unknown or mistyped field in its message.
-            let msg = e.to_string();
-            let field = msg
-                .split('`')
-                .nth(1)
-                .filter(|f| obj.contains_key(*f) || msg.starts_with("unknown field"))
-                .map(|f| format!("steering.{f}"))
-                .unwrap_or_else(|| "steering".into());
-            ApiError::invalid(&field, format!("`steering`: {msg}"))
+            // serde names an unknown key, but not a mistyped or nested one: blame the key that
+            // fails on its own.
+            let culprit = obj.iter().filter(|(k, _)| *k != "method").find(|(k, val)| {
+                let one =
+                    Map::from_iter([("method".to_string(), obj["method"].clone()), (k.to_string(), (*val).clone())]);
+                serde_json::from_value::<SteeringSpec>(Value::Object(one)).is_err()
+            });
+            let field = culprit.map(|(k, _)| format!("steering.{k}")).unwrap_or_else(|| "steering".into());
+            ApiError::invalid(&field, format!("`{field}`: {e}"))
         })
         .map(Some)
 }
@@ -220,6 +228,7 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 pub struct Validated {
     pub params: GenerationParams,
     pub steering: SteeringRequest,
+    pub adapters: crate::adapters::AdapterSet,
     /// The seed was chosen by the server.
     pub random_seed: bool,
 }
@@ -373,7 +382,7 @@ pub fn check(
     };
     let steering =
         check_steering(req.steering.unwrap_or_default(), req.reward, req.trace, limits, model, rewards, &params)?;
-    Ok(Validated { params, steering, random_seed })
+    Ok(Validated { params, steering, adapters: Default::default(), random_seed })
 }
 
 /// Steering fields: the spec's numbers, the reward (built from the registry), and the

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::adapters::registry::{MergePolicy, VariantCache, VariantInfo};
+use crate::adapters::AdapterSet;
 use crate::models::{DiffusionModel, ModelInfo};
 use crate::pipeline::{GenerationError, GenerationParams, ResolvedParams};
 use crate::reward::RewardError;
@@ -56,11 +58,22 @@ pub struct EngineOptions {
     pub queue_depth: usize,
     /// Model used when a job names none; `None` = the first loaded model by name.
     pub default_model: Option<String>,
+    /// Memory budget of the merged-variant cache, bytes.
+    pub variant_cache_bytes: usize,
+    pub merge_policy: MergePolicy,
+    /// Skip adapter keys that match no module (with a warning) instead of failing the request.
+    pub lenient_adapters: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { queue_depth: 16, default_model: None }
+        Self {
+            queue_depth: 16,
+            default_model: None,
+            variant_cache_bytes: 2 << 30,
+            merge_policy: MergePolicy::Auto,
+            lenient_adapters: false,
+        }
     }
 }
 
@@ -81,6 +94,8 @@ pub struct Job {
     pub params: GenerationParams,
     /// Strategy and reward (default: plain sampling, no reward).
     pub steering: SteeringRequest,
+    /// LoRA adapters with their weights (default: none).
+    pub adapters: AdapterSet,
 }
 
 /// One generated image.
@@ -113,6 +128,8 @@ pub struct JobOutput {
     pub method: &'static str,
     /// Name of the reward, if any.
     pub reward: Option<String>,
+    /// How the adapter variant was obtained, when the job had adapters.
+    pub variant: Option<VariantInfo>,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -197,6 +214,7 @@ struct QueuedJob {
     model: String,
     params: GenerationParams,
     steering: SteeringRequest,
+    adapters: AdapterSet,
     cancel: Arc<AtomicBool>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<JobOutput, JobError>>,
@@ -322,6 +340,7 @@ impl Engine {
             model: summary.name,
             params: job.params,
             steering: job.steering,
+            adapters: job.adapters,
             cancel: cancel.clone(),
             enqueued: Instant::now(),
             reply,
@@ -399,9 +418,14 @@ fn worker(inner: std::sync::Weak<Inner>, loader: Loader, rx: Receiver<QueuedJob>
             }
         }
     };
+    let mut variants = {
+        let Some(inner) = inner.upgrade() else { return };
+        let o = &inner.opts;
+        VariantCache::new(o.variant_cache_bytes, o.merge_policy, o.lenient_adapters)
+    };
     while let Ok(job) = rx.recv() {
         let Some(inner) = inner.upgrade() else { return };
-        run_job(&inner, &models, job);
+        run_job(&inner, &models, &mut variants, job);
     }
 }
 
@@ -446,7 +470,12 @@ fn register(
     Ok(models)
 }
 
-fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, job: QueuedJob) {
+fn run_job(
+    inner: &Inner,
+    models: &BTreeMap<String, Arc<dyn DiffusionModel>>,
+    variants: &mut VariantCache,
+    job: QueuedJob,
+) {
     let c = &inner.counters;
     let left = c.queued.fetch_sub(1, Ordering::SeqCst) - 1;
     metrics::gauge!(m::QUEUE_DEPTH).set(left as f64);
@@ -460,11 +489,24 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
         let _ = job.reply.send(Err(JobError::Cancelled));
         return;
     }
-    let Some(model) = models.get(&job.model) else {
+    let Some(base) = models.get(&job.model) else {
         c.failed.fetch_add(1, Ordering::Relaxed);
         let _ = job.reply.send(Err(JobError::Failed(format!("model `{}` is not loaded", job.model))));
         return;
     };
+    let (model, variant) = match variants.get(&job.model, base, &job.adapters) {
+        Ok(v) => v,
+        Err(e) => {
+            metrics::counter!(m::JOBS, "model" => label, "outcome" => "invalid").increment(1);
+            let _ = job.reply.send(Err(JobError::Invalid { field: "adapters".into(), message: e.to_string() }));
+            return;
+        }
+    };
+    if let Some(v) = &variant {
+        metrics::histogram!(m::ADAPTER_VARIANT_SECONDS, "cached" => if v.cached { "true" } else { "false" })
+            .record(v.build_ms / 1e3);
+    }
+    let model = &model;
 
     c.in_flight.fetch_add(1, Ordering::SeqCst);
     metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
@@ -525,6 +567,7 @@ fn run_job(inner: &Inner, models: &BTreeMap<String, Arc<dyn DiffusionModel>>, jo
                 prompt_truncated: st.prompt_truncated,
                 method: job.steering.spec.method(),
                 reward: job.steering.reward.as_ref().map(|r| r.name().to_string()),
+                variant,
             };
             ("completed", Ok(output))
         }

@@ -56,6 +56,7 @@ pub(crate) struct LayerDims {
     pub eps: f64,
 }
 
+#[derive(Clone)]
 pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
@@ -110,6 +111,7 @@ pub struct ClipTextOutput {
     pub pooled: Tensor,
 }
 
+#[derive(Clone)]
 pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,

@@ -89,6 +89,21 @@ pub trait DiffusionModel: Send + Sync {
     /// values clamped. Differentiable in f32.
     fn decode(&self, latents: &Tensor) -> Result<Tensor>;
 
+    /// The adaptable weights (LoRA targets); `None` for models that take no adapters.
+    fn adapter_targets(&self) -> Option<&crate::adapters::TargetIndex> {
+        None
+    }
+
+    /// A variant of this model with resolved LoRA layers applied (each list with its user
+    /// weight), merged into new weights or kept unmerged. The model itself is unchanged.
+    fn with_adapters(
+        &self,
+        _adapters: &crate::adapters::apply::WeightedLayers,
+        _merge: bool,
+    ) -> Result<std::sync::Arc<dyn DiffusionModel>> {
+        candle_core::bail!("model `{}` does not take adapters", self.info().name)
+    }
+
     /// Encode images in [0, 1] to latents (mean of the posterior, already scaled).
     fn encode_image(&self, _images: &Tensor) -> Result<Tensor> {
         candle_core::bail!("model `{}` has no image encoder", self.info().name)

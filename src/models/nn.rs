@@ -44,18 +44,47 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
-/// Fully connected layer `y = x Wᵀ + b` on inputs of any rank.
+/// Unmerged LoRA factors of one layer: the layer adds `scale · up(down(x))`.
+#[derive(Debug, Clone)]
+struct LoraFactors {
+    down: Tensor,
+    up: Tensor,
+    scale: f64,
+}
+
+/// Factors stored beside a weight as `lora.<j>.{down,up,scale}` (see `adapters::apply::unmerged`).
+fn load_lora(vb: &VarBuilder) -> Result<Vec<LoraFactors>> {
+    let mut out = Vec::new();
+    for j in 0.. {
+        let p = format!("lora.{j}");
+        if !vb.contains_tensor(&format!("{p}.down")) {
+            break;
+        }
+        let scale = vb.get_unchecked(&format!("{p}.scale"))?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+        out.push(LoraFactors {
+            down: vb.get_unchecked(&format!("{p}.down"))?,
+            up: vb.get_unchecked(&format!("{p}.up"))?,
+            scale,
+        });
+    }
+    Ok(out)
+}
+
+/// Fully connected layer `y = x Wᵀ + b` on inputs of any rank, plus unmerged LoRA terms
+/// `s·(x Aᵀ) Bᵀ` when an adapter was applied without merging.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Vec<LoraFactors>,
 }
 
 impl Linear {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        let lora = load_lora(&vb)?;
+        Ok(Self { weight, bias, lora })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -68,7 +97,11 @@ impl Module for Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        for l in &self.lora {
+            y = (y + (x2.matmul(&l.down.t()?)?.matmul(&l.up.t()?)? * l.scale)?)?;
+        }
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -86,6 +119,7 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
+    lora: Vec<LoraFactors>,
 }
 
 impl Conv2d {
@@ -99,23 +133,33 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
         let bias = Some(vb.get(out_c, "bias")?);
-        Ok(Self { weight, bias, padding, stride })
+        let lora = load_lora(&vb)?;
+        Ok(Self { weight, bias, padding, stride, lora })
+    }
+
+    fn conv(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+        if use_fused(x) {
+            if let Some(r) = super::cpu_kernels::conv2d(x, w, b, stride, padding) {
+                return r;
+            }
+        }
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if use_fused(x) {
-            if let Some(r) = super::cpu_kernels::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
-            {
-                return r;
-            }
+        let mut y = self.conv(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)?;
+        // LoCon: a k×k conv to r channels with the base stride and padding, then a 1×1 conv.
+        for l in &self.lora {
+            let h = self.conv(x, &l.down, None, self.stride, self.padding)?;
+            y = (y + (self.conv(&h, &l.up, None, 1, 0)? * l.scale)?)?;
         }
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
+        Ok(y)
     }
 }
 

@@ -2,7 +2,9 @@
 //! UNet, VAE and scheduler config. Covers SD 1.x, SD 2.x (v-prediction), SD-Turbo and
 //! LCM-distilled UNets.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
@@ -13,6 +15,8 @@ use super::unet_2d::{UNet2DConditionModel, UNet2DConfig};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
 use super::weights::{in_component, load_component, read_config};
 use super::{DiffusionModel, ModelInfo, PromptEmbedding};
+use crate::adapters::apply::WeightedLayers;
+use crate::adapters::{Component, TargetIndex};
 use crate::error::{Result as TResult, TillerError};
 use crate::sampling::SchedulerConfig;
 
@@ -44,10 +48,17 @@ pub struct LoadOptions {
 
 pub struct StableDiffusion {
     info: ModelInfo,
-    tokenizer: ClipTokenizer,
+    tokenizer: Arc<ClipTokenizer>,
     text_encoder: ClipTextModel,
     unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
+    vae: Arc<AutoencoderKL>,
+    /// Base weights by published name, kept so adapter variants can be built from them
+    /// (tensors are shared with the networks, not copied).
+    unet_weights: Arc<HashMap<String, Tensor>>,
+    te_weights: Arc<HashMap<String, Tensor>>,
+    unet_cfg: UNet2DConfig,
+    te_cfg: ClipTextConfig,
+    targets: Arc<TargetIndex>,
     dtype: DType,
     device: Device,
     clip_skip: usize,
@@ -109,6 +120,12 @@ impl StableDiffusion {
         }
         let f = vae_cfg.scale_factor();
         let side = unet_cfg.sample_size.unwrap_or(64) * f;
+        let lpb = match &unet_cfg.layers_per_block {
+            super::unet_2d::PerBlock::One(v) => *v,
+            super::unet_2d::PerBlock::Each(v) => v.first().copied().unwrap_or(2),
+        };
+        let targets =
+            TargetIndex::new(&[(Component::Unet, &unet_w.tensors), (Component::TextEncoder, &te_w.tensors)], lpb);
         let info = ModelInfo {
             name: name.to_string(),
             family: "stable-diffusion".into(),
@@ -121,14 +138,70 @@ impl StableDiffusion {
         };
         Ok(Self {
             info,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             text_encoder,
             unet,
-            vae,
+            vae: Arc::new(vae),
+            unet_weights: Arc::new(unet_w.tensors),
+            te_weights: Arc::new(te_w.tensors),
+            unet_cfg,
+            te_cfg,
+            targets: Arc::new(targets),
             dtype,
             device: device.clone(),
             clip_skip: opts.clip_skip,
             dir: dir.to_path_buf(),
+        })
+    }
+
+    /// A variant with LoRA adapters applied: merged into new weight tensors, or kept as
+    /// unmerged factors that each layer adds at run time. The base model is not modified; VAE and
+    /// tokenizer are shared.
+    pub fn with_adapters(&self, adapters: &WeightedLayers, merge: bool) -> Result<Self> {
+        let build = |base: &HashMap<String, Tensor>, c: Component| -> Result<HashMap<String, Tensor>> {
+            if merge {
+                crate::adapters::apply::merge(base, c, adapters)
+            } else {
+                crate::adapters::apply::unmerged(base, c, adapters)
+            }
+        };
+        let touches = |c: Component| adapters.iter().any(|(_, ls)| ls.iter().any(|l| l.component == c));
+        let unet_w = if touches(Component::Unet) {
+            Arc::new(build(&self.unet_weights, Component::Unet)?)
+        } else {
+            self.unet_weights.clone()
+        };
+        let te_w = if touches(Component::TextEncoder) {
+            Arc::new(build(&self.te_weights, Component::TextEncoder)?)
+        } else {
+            self.te_weights.clone()
+        };
+        let vb = |w: &HashMap<String, Tensor>| candle_nn::VarBuilder::from_tensors(w.clone(), self.dtype, &self.device);
+        let unet = if touches(Component::Unet) {
+            UNet2DConditionModel::load(vb(&unet_w), &self.unet_cfg)?
+        } else {
+            self.unet.clone()
+        };
+        let text_encoder = if touches(Component::TextEncoder) {
+            ClipTextModel::load(vb(&te_w), &self.te_cfg)?
+        } else {
+            self.text_encoder.clone()
+        };
+        Ok(Self {
+            info: self.info.clone(),
+            tokenizer: self.tokenizer.clone(),
+            text_encoder,
+            unet,
+            vae: self.vae.clone(),
+            unet_weights: unet_w,
+            te_weights: te_w,
+            unet_cfg: self.unet_cfg.clone(),
+            te_cfg: self.te_cfg.clone(),
+            targets: self.targets.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            clip_skip: self.clip_skip,
+            dir: self.dir.clone(),
         })
     }
 
@@ -188,6 +261,14 @@ impl DiffusionModel for StableDiffusion {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn adapter_targets(&self) -> Option<&TargetIndex> {
+        Some(&self.targets)
+    }
+
+    fn with_adapters(&self, adapters: &WeightedLayers, merge: bool) -> Result<Arc<dyn DiffusionModel>> {
+        Ok(Arc::new(StableDiffusion::with_adapters(self, adapters, merge)?))
     }
 
     fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbedding> {

@@ -145,6 +145,7 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: 
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -204,6 +205,7 @@ impl ResnetBlock {
     }
 }
 
+#[derive(Clone)]
 struct CrossAttention {
     to_q: Linear,
     to_k: Linear,
@@ -233,6 +235,7 @@ impl CrossAttention {
     }
 }
 
+#[derive(Clone)]
 struct TransformerBlock {
     norm1: LayerNorm,
     attn1: CrossAttention,
@@ -287,6 +290,7 @@ impl TransformerBlock {
     }
 }
 
+#[derive(Clone)]
 struct Transformer2D {
     norm: GroupNorm,
     proj_in: ChannelProj,
@@ -364,23 +368,27 @@ impl Transformer2D {
     }
 }
 
+#[derive(Clone)]
 struct DownBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2D>,
     downsample: Option<Conv2d>,
 }
 
+#[derive(Clone)]
 struct UpBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2D>,
     upsample: Option<Conv2d>,
 }
 
+#[derive(Clone)]
 struct MidBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2D>,
 }
 
+#[derive(Clone)]
 pub struct UNet2DConditionModel {
     time_linear_1: Linear,
     time_linear_2: Linear,

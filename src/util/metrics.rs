@@ -26,6 +26,7 @@ pub const QUEUE_WAIT: &str = "tiller_queue_wait_seconds";
 /// Denoiser (UNet) evaluations by `model`, counting each CFG branch (counter).
 pub const DENOISER_EVALS: &str = "tiller_denoiser_evaluations_total";
 pub const REWARD_EVALS: &str = "tiller_reward_evaluations_total";
+pub const ADAPTER_VARIANT_SECONDS: &str = "tiller_adapter_variant_seconds";
 /// Denoising steps run by `model` (counter).
 pub const DENOISING_STEPS: &str = "tiller_denoising_steps_total";
 /// Images returned by `model` (counter).
@@ -73,6 +74,10 @@ fn describe() {
     describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time jobs waited in the queue");
     describe_counter!(DENOISER_EVALS, "Denoiser evaluations, counting each CFG branch");
     describe_counter!(REWARD_EVALS, "Images scored by steering rewards");
+    metrics::describe_histogram!(
+        ADAPTER_VARIANT_SECONDS,
+        "Time to obtain an adapter variant (cached = lookup, else merge or unmerged build)"
+    );
     describe_counter!(DENOISING_STEPS, "Denoising steps run");
     describe_counter!(IMAGES, "Images generated");
     describe_gauge!(MODELS_LOADED, "Models loaded and ready");

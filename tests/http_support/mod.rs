@@ -131,7 +131,7 @@ pub async fn start(engine: Engine, config: &Config) -> TestServer {
 pub async fn mock_server(delay: Duration, config: Config) -> TestServer {
     let engine = Engine::with_models(
         vec![LoadedModel::new("mock", MockModel::arc("mock", delay))],
-        EngineOptions { queue_depth: config.limits.queue_depth, default_model: None },
+        EngineOptions { queue_depth: config.limits.queue_depth, default_model: None, ..Default::default() },
     );
     engine.wait_ready_blocking(Duration::from_secs(10));
     start(engine, &config).await
