@@ -1,4 +1,4 @@
-//! The `tiller` command line: `serve`, `generate`, `models`, `openapi`.
+//! The `tiller` command line: `serve`, `generate`, `models`, `openapi`, `shapes`, `eval`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -27,6 +27,10 @@ pub enum Command {
     Models(ModelsArgs),
     /// Print the OpenAPI document (the committed openapi/openapi.json).
     Openapi,
+    /// The shapes world (spec v1): `tiller shapes sample` writes sampled scenes.
+    Shapes(crate::shapes::cli::ShapesArgs),
+    /// Evaluate a model: `tiller eval shapes` scores it on the shapes world.
+    Eval(crate::shapes::cli::EvalArgs),
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +159,110 @@ pub struct GenerateArgs {
     /// Print each image's steering trace (JSON, one line per image) on stdout.
     #[arg(long)]
     pub trace: bool,
+    /// LoRA adapter to apply (repeatable): a .safetensors file, a PEFT/diffusers directory, or
+    /// the name of one under --adapters-dir, with an optional weight after the last `:`
+    /// (default 1; e.g. `--lora pixel-art:0.8`). The adapters are merged into the weights.
+    #[arg(long = "lora", value_name = "PATH_OR_NAME[:SCALE]")]
+    pub lora: Vec<String>,
+    /// Where --lora names are looked up (`NAME.safetensors` or `NAME/`).
+    #[arg(long, default_value = "adapters", value_name = "DIR")]
+    pub adapters_dir: PathBuf,
+}
+
+/// Files that make a directory a LoRA adapter (PEFT and diffusers layouts).
+const ADAPTER_DIR_FILES: [&str; 2] = ["adapter_model.safetensors", "pytorch_lora_weights.safetensors"];
+
+/// Split a `--lora` argument into the adapter and its scale: the text after the last `:` is the
+/// scale when it parses as a number (paths may contain `:`).
+pub fn split_lora_arg(arg: &str) -> (&str, Option<f64>) {
+    match arg.rsplit_once(':') {
+        Some((head, tail)) if !head.is_empty() => match tail.trim().parse::<f64>() {
+            Ok(scale) => (head, Some(scale)),
+            Err(_) => (arg, None),
+        },
+        _ => (arg, None),
+    }
+}
+
+/// The LoRA file a `--lora` adapter names, and the adapter's name: an existing file or
+/// directory, else `NAME.safetensors` or `NAME/` under `adapters_dir`.
+pub fn resolve_lora(spec: &str, adapters_dir: &Path) -> Result<(String, PathBuf)> {
+    let in_dir = |d: &Path| ADAPTER_DIR_FILES.iter().map(|f| d.join(f)).find(|f| f.is_file());
+    let named = |p: &Path, file: PathBuf| -> (String, PathBuf) {
+        let name = if p.is_dir() { p.file_name() } else { p.file_stem() };
+        (name.map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.to_string()), file)
+    };
+    let as_path = Path::new(spec);
+    if as_path.is_file() {
+        return Ok(named(as_path, as_path.to_path_buf()));
+    }
+    if as_path.is_dir() {
+        return in_dir(as_path).map(|f| named(as_path, f)).ok_or_else(|| {
+            TillerError::field("lora", format!("directory {spec} holds no {}", ADAPTER_DIR_FILES.join(" or ")))
+        });
+    }
+    let file = adapters_dir.join(format!("{spec}.safetensors"));
+    if file.is_file() {
+        return Ok((spec.to_string(), file));
+    }
+    let dir = adapters_dir.join(spec);
+    if let Some(f) = dir.is_dir().then(|| in_dir(&dir)).flatten() {
+        return Ok((spec.to_string(), f));
+    }
+    let known: Vec<String> = std::fs::read_dir(adapters_dir)
+        .map(|rd| {
+            let mut v: Vec<String> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors") || in_dir(p).is_some())
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect();
+            v.sort();
+            v
+        })
+        .unwrap_or_default();
+    Err(TillerError::field(
+        "lora",
+        format!(
+            "`{spec}` is not a LoRA file or directory, nor an adapter under {} (known: {})",
+            adapters_dir.display(),
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        ),
+    ))
+}
+
+/// Load the `--lora` adapters with their scales.
+pub fn load_loras(args: &[String], adapters_dir: &Path) -> Result<crate::adapters::AdapterSet> {
+    use crate::api::validate::MAX_ADAPTER_SCALE;
+    let mut set = crate::adapters::AdapterSet::default();
+    let mut seen: Vec<(String, PathBuf)> = Vec::new();
+    for arg in args {
+        let (spec, scale) = split_lora_arg(arg);
+        // A path that itself ends in `:<number>` wins over the split.
+        let ((name, file), scale) = match resolve_lora(spec, adapters_dir) {
+            Ok(r) => (r, scale.unwrap_or(1.0)),
+            Err(e) if spec != arg.as_str() => match resolve_lora(arg, adapters_dir) {
+                Ok(r) => (r, 1.0),
+                Err(_) => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        if !scale.is_finite() || scale.abs() > MAX_ADAPTER_SCALE {
+            return Err(TillerError::field(
+                "lora",
+                format!("{arg}: the scale must be between -{MAX_ADAPTER_SCALE} and {MAX_ADAPTER_SCALE}, got {scale}"),
+            ));
+        }
+        let canon = file.canonicalize().unwrap_or_else(|_| file.clone());
+        if let Some((prev, _)) = seen.iter().find(|(n, p)| *n == name || *p == canon) {
+            return Err(TillerError::field("lora", format!("{arg}: adapter `{prev}` is given twice")));
+        }
+        seen.push((name.clone(), canon));
+        let adapter = crate::adapters::Adapter::load(&name, &file)
+            .map_err(|e| TillerError::field("lora", format!("{}: {e}", file.display())))?;
+        set.items.push((std::sync::Arc::new(adapter), scale));
+    }
+    Ok(set)
 }
 
 /// A model argument: an existing directory, or a name under `models_dir`.
@@ -200,7 +308,23 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Some(p) => Some(crate::util::tensor_io::load_init_latents(p)?),
         None => None,
     };
+    let adapters = load_loras(&args.lora, &args.adapters_dir)?;
     let model = crate::models::loader::load_model(&name, &dir, &device, dtype)?;
+    let model = if adapters.is_empty() {
+        model
+    } else {
+        use crate::adapters::registry::{MergePolicy, VariantCache};
+        let (variant, info) = VariantCache::new(usize::MAX, MergePolicy::Always, false)
+            .get(&name, &model, &adapters)
+            .map_err(|e| TillerError::field("lora", e.to_string()))?;
+        let list: Vec<String> = adapters
+            .items
+            .iter()
+            .map(|(a, s)| format!("{} ×{s} ({:?}, {} modules)", a.name, a.file.format, a.file.layers.len()))
+            .collect();
+        eprintln!("adapters: {}; merged in {:.0} ms", list.join(", "), info.map(|i| i.build_ms).unwrap_or_default());
+        variant
+    };
     let seed = args.seed.unwrap_or_else(|| rand::random::<u64>() >> 11);
     let params = GenerationParams {
         prompt: args.prompt.clone(),

@@ -13,5 +13,6 @@ pub mod models;
 pub mod pipeline;
 pub mod reward;
 pub mod sampling;
+pub mod shapes;
 pub mod steering;
 pub mod util;

@@ -22,6 +22,8 @@ fn main() -> std::process::ExitCode {
         },
         Command::Generate(args) => tiller::cli::generate(&args).map_err(Into::into),
         Command::Models(args) => tiller::cli::list_models(&args).map_err(Into::into),
+        Command::Shapes(args) => tiller::shapes::cli::run_shapes(&args).map_err(Into::into),
+        Command::Eval(args) => tiller::shapes::cli::run_eval(&args).map_err(Into::into),
         Command::Openapi => {
             print!("{}", tiller::api::openapi_json());
             Ok(())

@@ -85,7 +85,7 @@ fn reno_gradient_matches_finite_differences_on_the_mixture() {
     let m = gmm();
     let s = build_sampler(SamplerKind::Ddim, &m.info().scheduler, 2, 0.0).unwrap();
     let r = Brightness::new();
-    check_gradient(&ctx(&m, s.as_ref(), &r, vec![1, 2], 1.0), 1e-2, 1e-2);
+    check_gradient(&ctx(&m, s.as_ref(), &r, vec![1, 2], 1.0), 1e-3, 1e-2);
 }
 
 #[test]
@@ -104,7 +104,8 @@ fn rewards_of(trace: &[tiller::steering::TraceEvent]) -> Vec<f32> {
 #[test]
 fn reno_raises_brightness_on_the_mixture_and_returns_the_best_iterate() {
     let m = gmm();
-    // One DDIM step from pure noise: a one-step generator, as ReNO targets.
+    // One DDIM step from pure noise (toy-gmm uses trailing spacing, so the step starts at
+    // t = 999): a one-step generator, as ReNO targets.
     let s = build_sampler(SamplerKind::Ddim, &m.info().scheduler, 1, 0.0).unwrap();
     let r = Brightness::new();
     for opt in [Optimizer::Sgd, Optimizer::Adam] {

@@ -120,6 +120,15 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<(HashMap<String, Tensor>, HashM
                 data.len()
             ));
         }
+        // Tensors store strides (products of trailing dimensions) even when a zero dimension
+        // makes them empty: the product of the non-zero dimensions must fit too, or building
+        // the tensor overflows.
+        let extent = shape.iter().try_fold(size as u64, |acc, &d| acc.checked_mul(d.max(1) as u64));
+        if extent.is_none() {
+            return bad(format!(
+                "tensor `{name}`: shape {shape:?} is too large (its dimensions multiply to more than 2^64)"
+            ));
+        }
         let needed = shape.iter().try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64));
         if needed != Some(end - begin) {
             return bad(format!(

@@ -60,6 +60,22 @@ impl ApiError {
         .with_param("model")
     }
 
+    /// An adapter problem: 404 for an unknown name, 500 for filesystem trouble, else 422; all
+    /// naming `param`.
+    pub fn adapter(e: crate::adapters::AdapterError, param: &str) -> Self {
+        use crate::adapters::AdapterError as E;
+        match e {
+            E::NotFound(name) => Self::new(
+                StatusCode::NOT_FOUND,
+                "adapter_not_found",
+                format!("The adapter `{name}` does not exist; GET /v1/adapters lists the registered adapters"),
+            )
+            .with_param(param),
+            E::Io(msg) => Self::internal(msg).with_param(param),
+            e @ (E::Invalid(_) | E::Mismatch(_) | E::WrongFamily(_)) => Self::invalid(param, e.to_string()),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }

@@ -50,9 +50,9 @@ fn submit_error(e: SubmitError) -> ApiError {
         (status = 200, description = "Generated images (PNG, base64) with tiller metadata", body = ImagesResponse),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key (when `server.api_key` is set)", body = ErrorResponse),
-        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
         (status = 413, description = "Body larger than `limits.max_body_bytes`", body = ErrorResponse),
-        (status = 422, description = "Invalid field; `error.param` names it", body = ErrorResponse),
+        (status = 422, description = "Invalid field; `error.param` names it (`adapters` for an adapter that does not fit the model)", body = ErrorResponse),
         (status = 429, description = "Queue full; see the Retry-After header", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),
@@ -96,7 +96,13 @@ async fn create_image_inner(
     let req = validate::parse_body(&bytes)?;
     let model = state.engine.model(req.model.as_deref()).map_err(submit_error)?;
     *label = Some(model.name.clone());
-    let validated = validate::check(req, &state.limits, &model, &state.rewards)?;
+    let validated = validate::check(req, &state.limits, &model, &state.rewards, &state.adapters)?;
+    let applied: Vec<AppliedAdapter> = validated
+        .adapters
+        .items
+        .iter()
+        .map(|(a, scale)| AppliedAdapter { name: a.name.clone(), scale: *scale })
+        .collect();
     let params = validated.params;
     let request_seed = params.seed;
     let trace = validated.steering.trace;
@@ -175,6 +181,12 @@ async fn create_image_inner(
                     optimized_noise,
                     trace: trace.then(|| img.trace.clone()),
                 },
+                adapters: applied.clone(),
+                adapter_variant: out.variant.map(|v| AdapterVariant {
+                    merged: v.merged,
+                    cached: v.cached,
+                    build_ms: v.build_ms,
+                }),
             },
         });
     }

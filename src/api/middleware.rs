@@ -71,3 +71,14 @@ pub async fn require_admin_key(State(state): State<AppState>, req: Request, next
         _ => next.run(req).await,
     }
 }
+
+/// `POST /v1/adapters`, `DELETE /v1/adapters/{name}`: `server.admin_key` when configured, else
+/// `server.api_key` when configured (so that setting only an API key does not leave adapter
+/// management open), else open like the rest of the server.
+pub async fn require_manage_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match (&state.admin_key, &state.api_key) {
+        (Some(key), _) if !bearer_ok(&req, key) => unauthorized("admin key"),
+        (None, Some(key)) if !bearer_ok(&req, key) => unauthorized("API key"),
+        _ => next.run(req).await,
+    }
+}

@@ -4,6 +4,7 @@
 //! [`router`] builds the whole axum `Router` from an [`AppState`], so tests can bind it to
 //! `127.0.0.1:0`; [`serve`] is what `tiller serve` runs.
 
+pub mod adapters;
 pub mod error;
 pub mod handlers;
 pub mod middleware;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
@@ -35,12 +36,14 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// Bearer token required on `/v1/*`, if any.
     pub api_key: Option<Arc<str>>,
-    /// Bearer token required on `/metrics`, if any.
+    /// Bearer token required on `/metrics` and on registering/removing adapters, if any.
     pub admin_key: Option<Arc<str>>,
     /// Rewards requests can steer towards.
     pub rewards: Arc<RewardRegistry>,
     /// LoRA adapters requests can apply.
     pub adapters: Arc<AdapterRegistry>,
+    /// `adapters.root` as configured (for messages when it does not exist).
+    pub adapters_root: Arc<std::path::Path>,
 }
 
 impl AppState {
@@ -61,6 +64,7 @@ impl AppState {
             admin_key: config.server.admin_key.as_deref().map(Arc::from),
             rewards: Arc::new(rewards),
             adapters: Arc::new(adapters),
+            adapters_root: Arc::from(config.adapters.root.as_path()),
         }
     }
 }
@@ -75,12 +79,20 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{model}", get(handlers::get_model))
         .route("/v1/rewards", get(handlers::list_rewards))
+        .route("/v1/adapters", get(adapters::list_adapters))
+        .route("/v1/adapters/{name}", get(adapters::get_adapter))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
+    // Registering and removing adapters changes what every client gets: the admin key.
+    let manage = Router::new()
+        .route("/v1/adapters", post(adapters::register_adapter))
+        .route("/v1/adapters/{name}", delete(adapters::delete_adapter))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_manage_key));
     let metrics = Router::new()
         .route("/metrics", get(handlers::metrics))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_admin_key));
     Router::new()
         .merge(v1)
+        .merge(manage)
         .merge(metrics)
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))

@@ -15,7 +15,7 @@ use crate::sampling::SamplerKind;
         description = "OpenAI-compatible image generation for diffusers-format Stable Diffusion \
                        models, with tiller extensions (seed, steps, scheduler, guidance, initial \
                        latents), inference-time steering towards a reward (best-of-N, FK \
-                       steering, SVDD, ReNO) and per-image replay metadata."
+                       steering, SVDD, ReNO), LoRA adapters and per-image replay metadata."
     ),
     paths(
         handlers::create_image,
@@ -24,7 +24,11 @@ use crate::sampling::SamplerKind;
         handlers::list_rewards,
         handlers::health,
         handlers::ready,
-        handlers::metrics
+        handlers::metrics,
+        super::adapters::list_adapters,
+        super::adapters::get_adapter,
+        super::adapters::register_adapter,
+        super::adapters::delete_adapter
     ),
     components(schemas(
         ImageGenerationRequest,
@@ -41,6 +45,13 @@ use crate::sampling::SamplerKind;
         SamplerKind,
         SteeringMetadata,
         RewardList,
+        AdapterRef,
+        AppliedAdapter,
+        AdapterVariant,
+        AdapterList,
+        AdapterInfo,
+        RegisterAdapterRequest,
+        crate::adapters::LoraFormat,
         crate::reward::RewardInfo,
         crate::reward::RewardSpec,
         crate::reward::RewardTerm,
@@ -62,6 +73,7 @@ use crate::sampling::SamplerKind;
         (name = "images", description = "Image generation (OpenAI Images API)"),
         (name = "models", description = "Loaded models (OpenAI Models API)"),
         (name = "rewards", description = "Rewards that steering can maximise"),
+        (name = "adapters", description = "LoRA adapters requests can apply"),
         (name = "health", description = "Liveness, readiness and metrics")
     )
 )]

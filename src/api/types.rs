@@ -87,6 +87,24 @@ pub struct ImageGenerationRequest {
     /// step or ReNO iteration) in each image's metadata; default false.
     #[serde(default)]
     pub trace: Option<bool>,
+    /// tiller: LoRA adapters to apply, at most 8, each named once: names from
+    /// `GET /v1/adapters` with a weight `scale` (default 1, finite, |scale| ≤ 10) that multiplies
+    /// the adapter's own alpha/rank scaling. An unknown name is 404; an adapter that does not fit
+    /// the model (another model family, keys matching no module) is 422 with `param: "adapters"`.
+    #[serde(default)]
+    #[schema(example = json!([{"name": "pixel-art", "scale": 0.8}]))]
+    pub adapters: Option<Vec<AdapterRef>>,
+}
+
+/// One adapter of a generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AdapterRef {
+    /// Adapter name from `GET /v1/adapters`.
+    pub name: String,
+    /// Weight of the adapter's delta; default 1. Negative values subtract it.
+    #[serde(default)]
+    #[schema(minimum = -10.0, maximum = 10.0)]
+    pub scale: Option<f64>,
 }
 
 /// `POST /v1/images/generations` response.
@@ -127,6 +145,33 @@ pub struct ImageMetadata {
     pub timings: TimingsMs,
     /// Steering: method, reward, work and trace.
     pub steering: SteeringMetadata,
+    /// LoRA adapters applied, in request order, with their scales (empty without adapters).
+    #[serde(default)]
+    pub adapters: Vec<AppliedAdapter>,
+    /// How the adapted model was obtained; absent without adapters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_variant: Option<AdapterVariant>,
+}
+
+/// An adapter applied to an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AppliedAdapter {
+    pub name: String,
+    pub scale: f64,
+}
+
+/// How the adapted model of a request was obtained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AdapterVariant {
+    /// True when the deltas were merged into copies of the weights (no per-step cost); false
+    /// when they ran unmerged (each adapted layer adds its low-rank product at run time).
+    pub merged: bool,
+    /// True when the merged variant came from the cache (`adapters.merge = "auto"`: a
+    /// combination's first request runs unmerged, its second is merged and cached, later ones
+    /// hit the cache).
+    pub cached: bool,
+    /// Time spent building or finding the variant, milliseconds.
+    pub build_ms: f64,
 }
 
 /// What steering did for one image.
@@ -228,4 +273,56 @@ pub struct HealthStatus {
     /// Why the server is not ready, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// `GET /v1/adapters` response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<AdapterInfo>,
+}
+
+/// A registered LoRA adapter.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterInfo {
+    /// Always `adapter`.
+    pub object: String,
+    /// The name requests pass in `adapters[].name`.
+    pub name: String,
+    /// Key layout of the file.
+    pub format: crate::adapters::LoraFormat,
+    /// Largest rank among the layers.
+    pub rank: usize,
+    /// Best guess of the model family the adapter was made for (`sd1`, `sd2`, `sdxl`), from the
+    /// file's metadata (`ss_base_model_version`), its components and its cross-attention width;
+    /// null when nothing tells. Whether it fits a model is checked when a request uses it.
+    pub base_model: Option<String>,
+    /// Adapted layers per component (`unet`, `text_encoder`, `text_encoder_2`).
+    pub components: std::collections::BTreeMap<String, usize>,
+    /// Number of adapted modules.
+    pub modules: usize,
+    /// Module keys as the file names them (the first 50).
+    pub module_keys: Vec<String>,
+    /// File size in bytes.
+    pub size_bytes: u64,
+    /// Path of the file relative to the adapters root.
+    pub path: String,
+}
+
+/// `POST /v1/adapters` request.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"path": "pixel-art.safetensors", "name": "pixel-art"}))]
+pub struct RegisterAdapterRequest {
+    /// The LoRA file (or a PEFT/diffusers directory holding `adapter_model.safetensors` or
+    /// `pytorch_lora_weights.safetensors`), relative to `adapters.root` or absolute. It must
+    /// resolve inside the root: no `..`, and symlinks must not lead out of it.
+    pub path: String,
+    /// Name to register it under (letters, digits, `_`, `-`, `.`; at most 128); default: the
+    /// file's stem (the directory's name for a directory).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Replace an adapter of the same name instead of answering 409; default false.
+    #[serde(default)]
+    pub replace: Option<bool>,
 }

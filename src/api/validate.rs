@@ -8,7 +8,9 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use super::types::ImageGenerationRequest;
+use super::types::{AdapterRef, ImageGenerationRequest};
+use crate::adapters::registry::AdapterRegistry;
+use crate::adapters::AdapterSet;
 use crate::config::Limits;
 use crate::engine::ModelSummary;
 use crate::pipeline::GenerationParams;
@@ -37,7 +39,13 @@ pub const FIELDS: &[&str] = &[
     "steering",
     "reward",
     "trace",
+    "adapters",
 ];
+
+/// Most adapters one request may apply.
+pub const MAX_ADAPTERS: usize = 8;
+/// Largest |scale| of an adapter.
+pub const MAX_ADAPTER_SCALE: f64 = 10.0;
 
 /// Largest guidance scale accepted.
 pub const MAX_GUIDANCE: f64 = 100.0;
@@ -110,7 +118,91 @@ pub fn parse_value(value: Value) -> Result<ImageGenerationRequest, ApiError> {
             Some(Value::Bool(b)) => Some(*b),
             Some(_) => return Err(ApiError::wrong_type("trace", "a boolean")),
         },
+        adapters: parse_adapters(obj.get("adapters"))?,
     })
+}
+
+/// Type-check the `adapters` field; errors name the entry (`adapters[1].scale`).
+pub fn parse_adapters(v: Option<&Value>) -> Result<Option<Vec<AdapterRef>>, ApiError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::wrong_type("adapters", "a list of {\"name\": ..., \"scale\": ...} objects")),
+    };
+    if list.len() > MAX_ADAPTERS {
+        return Err(ApiError::invalid(
+            "adapters",
+            format!("`adapters` lists {} adapters; at most {MAX_ADAPTERS} may be applied at once", list.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let at = format!("adapters[{i}]");
+        let Value::Object(obj) = entry else {
+            return Err(ApiError::wrong_type(&at, "an object {\"name\": ..., \"scale\": ...}"));
+        };
+        if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "name" | "scale")) {
+            let field = format!("{at}.{k}");
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_parameter",
+                format!("Unrecognized adapter argument `{field}`; an adapter takes `name` and `scale`"),
+            )
+            .with_param(&field));
+        }
+        let name_field = format!("{at}.name");
+        let name = match obj.get("name") {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "missing_required_parameter",
+                    format!("`{name_field}` is required"),
+                )
+                .with_param(&name_field))
+            }
+            Some(_) => return Err(ApiError::wrong_type(&name_field, "a string")),
+        };
+        let scale_field = format!("{at}.scale");
+        let scale = match obj.get("scale") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => n.as_f64(),
+            Some(_) => return Err(ApiError::wrong_type(&scale_field, "a number")),
+        };
+        out.push(AdapterRef { name, scale });
+    }
+    Ok(Some(out))
+}
+
+/// Check the adapters' scales and names and look them up (unknown names are 404).
+pub fn check_adapters(refs: &[AdapterRef], registry: &AdapterRegistry) -> Result<AdapterSet, ApiError> {
+    if refs.len() > MAX_ADAPTERS {
+        return Err(ApiError::invalid(
+            "adapters",
+            format!("`adapters` lists {} adapters; at most {MAX_ADAPTERS} may be applied at once", refs.len()),
+        ));
+    }
+    let mut set = AdapterSet::default();
+    for (i, r) in refs.iter().enumerate() {
+        let scale = r.scale.unwrap_or(1.0);
+        if !scale.is_finite() || scale.abs() > MAX_ADAPTER_SCALE {
+            let field = format!("adapters[{i}].scale");
+            return Err(ApiError::invalid(
+                &field,
+                format!("`{field}` must be a number between -{MAX_ADAPTER_SCALE} and {MAX_ADAPTER_SCALE}, got {scale}"),
+            ));
+        }
+        if let Some(j) = refs[..i].iter().position(|o| o.name == r.name) {
+            let field = format!("adapters[{i}].name");
+            return Err(ApiError::invalid(
+                &field,
+                format!("adapter `{}` is listed twice (adapters[{j}] and adapters[{i}]); list it once", r.name),
+            ));
+        }
+        let adapter = registry.get(&r.name).map_err(|e| ApiError::adapter(e, &format!("adapters[{i}].name")))?;
+        set.items.push((adapter, scale));
+    }
+    Ok(set)
 }
 
 /// Type-check the `steering` field; errors name the offending key (`steering.particles`).
@@ -228,7 +320,8 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 pub struct Validated {
     pub params: GenerationParams,
     pub steering: SteeringRequest,
-    pub adapters: crate::adapters::AdapterSet,
+    /// Adapters with their scales, in request order.
+    pub adapters: AdapterSet,
     /// The seed was chosen by the server.
     pub random_seed: bool,
 }
@@ -239,6 +332,7 @@ pub fn check(
     limits: &Limits,
     model: &ModelSummary,
     rewards: &RewardRegistry,
+    adapters: &AdapterRegistry,
 ) -> Result<Validated, ApiError> {
     let info = &model.info;
     let chars = req.prompt.chars().count();
@@ -380,9 +474,10 @@ pub fn check(
         seed,
         init_latents,
     };
+    let adapters = check_adapters(req.adapters.as_deref().unwrap_or_default(), adapters)?;
     let steering =
         check_steering(req.steering.unwrap_or_default(), req.reward, req.trace, limits, model, rewards, &params)?;
-    Ok(Validated { params, steering, adapters: Default::default(), random_seed })
+    Ok(Validated { params, steering, adapters, random_seed })
 }
 
 /// Steering fields: the spec's numbers, the reward (built from the registry), and the
