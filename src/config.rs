@@ -37,7 +37,7 @@ pub struct AdaptersConfig {
     pub root: PathBuf,
     /// Memory budget for cached merged variants, MiB.
     pub cache_mib: usize,
-    /// `auto` (unmerged for a combination's first request, merged and cached from its second),
+    /// `auto` (merged and cached; a new combination's request of ≤ 2 steps runs unmerged),
     /// `always` or `never`.
     pub merge: crate::adapters::registry::MergePolicy,
     /// Skip adapter keys that match no module of the model (logged) instead of answering 422.
@@ -64,7 +64,8 @@ pub struct ServerConfig {
     /// When set, `/v1/*` requests must carry `Authorization: Bearer <api_key>` (what OpenAI
     /// clients send).
     pub api_key: Option<String>,
-    /// When set, `GET /metrics` requires `Authorization: Bearer <admin_key>`.
+    /// When set, `GET /metrics`, `POST /v1/adapters` and `DELETE /v1/adapters/{name}` require
+    /// `Authorization: Bearer <admin_key>`.
     pub admin_key: Option<String>,
 }
 

@@ -494,7 +494,8 @@ fn run_job(
         let _ = job.reply.send(Err(JobError::Failed(format!("model `{}` is not loaded", job.model))));
         return;
     };
-    let (model, variant) = match variants.get(&job.model, base, &job.adapters) {
+    let steps = crate::pipeline::resolve(base.as_ref(), &job.params).steps;
+    let (model, variant) = match variants.get_for_steps(&job.model, base, &job.adapters, Some(steps)) {
         Ok(v) => v,
         Err(e) => {
             metrics::counter!(m::JOBS, "model" => label, "outcome" => "invalid").increment(1);
