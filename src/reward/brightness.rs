@@ -39,11 +39,6 @@ impl Reward for Brightness {
         true
     }
 
-    fn score(&self, images: &Tensor, prompt: &str) -> RewardResult<Vec<f32>> {
-        // Detached: a plain score must not grow the caller's autograd graph.
-        Ok(self.score_tensor(&images.detach(), prompt)?.to_vec1()?)
-    }
-
     fn score_tensor(&self, images: &Tensor, _prompt: &str) -> RewardResult<Tensor> {
         image_dims(images)?;
         let scores = float_images(images)?.flatten_from(1)?.mean(1)?;

@@ -396,11 +396,6 @@ impl Reward for ClipScoreReward {
         true
     }
 
-    fn score(&self, images: &Tensor, prompt: &str) -> RewardResult<Vec<f32>> {
-        // Detached, so the network takes its fused (non-differentiable) kernels.
-        Ok(self.score_tensor(&images.detach(), prompt)?.to_vec1()?)
-    }
-
     fn score_tensor(&self, images: &Tensor, prompt: &str) -> RewardResult<Tensor> {
         image_dims(images)?;
         Ok(self.model.clip_score(images, prompt)?.to_dtype(DType::F32)?)
@@ -442,10 +437,6 @@ impl Reward for AestheticReward {
 
     fn differentiable(&self) -> bool {
         true
-    }
-
-    fn score(&self, images: &Tensor, prompt: &str) -> RewardResult<Vec<f32>> {
-        Ok(self.score_tensor(&images.detach(), prompt)?.to_vec1()?)
     }
 
     fn score_tensor(&self, images: &Tensor, _prompt: &str) -> RewardResult<Tensor> {

@@ -53,10 +53,6 @@ impl Reward for ColorReward {
         true
     }
 
-    fn score(&self, images: &Tensor, prompt: &str) -> RewardResult<Vec<f32>> {
-        Ok(self.score_tensor(&images.detach(), prompt)?.to_vec1()?)
-    }
-
     fn score_tensor(&self, images: &Tensor, _prompt: &str) -> RewardResult<Tensor> {
         image_dims(images)?;
         let x = float_images(images)?;

@@ -56,7 +56,11 @@ pub trait Reward: Send + Sync {
     }
 
     /// One score per image; `images` is (N, 3, H, W) f32 in [0, 1] on any device.
-    fn score(&self, images: &Tensor, prompt: &str) -> RewardResult<Vec<f32>>;
+    /// Differentiable rewards get this from [`Reward::score_tensor`] on detached images, so a
+    /// plain score never grows the caller's autograd graph and networks take their fused kernels.
+    fn score(&self, images: &Tensor, prompt: &str) -> RewardResult<Vec<f32>> {
+        Ok(self.score_tensor(&images.detach(), prompt)?.to_vec1()?)
+    }
 
     /// Scores as an (N,) f32 tensor connected to `images` in the autograd graph.
     /// Only rewards with `differentiable() == true` implement it.
