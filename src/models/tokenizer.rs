@@ -159,8 +159,13 @@ impl ClipTokenizer {
         let tj = dir.join("tokenizer.json");
         let inner = if tj.exists() {
             read_json(&tj)?; // names the file on malformed JSON
-            tokenizers::Tokenizer::from_file(&tj)
-                .map_err(|e| TillerError::file(&tj, format!("invalid tokenizer: {e}")))?
+            let mut t = tokenizers::Tokenizer::from_file(&tj)
+                .map_err(|e| TillerError::file(&tj, format!("invalid tokenizer: {e}")))?;
+            // transformers saves its padding and truncation settings into tokenizer.json; `wrap`
+            // does both itself, and a padded encoding would count as a truncated prompt.
+            t.with_padding(None);
+            t.with_truncation(None).map_err(|e| TillerError::file(&tj, format!("invalid tokenizer: {e}")))?;
+            t
         } else {
             let vp = dir.join("vocab.json");
             let mp = dir.join("merges.txt");
@@ -315,6 +320,31 @@ mod tests {
         let e = t.encode("cat!").unwrap();
         assert_eq!(&e.ids[..4], &[t.bos_id(), id(&t, "cat</w>"), id(&t, "!"), t.eos_id()]);
         assert_eq!(e.ids[4], id(&t, "!"));
+    }
+
+    /// transformers writes its padding and truncation into tokenizer.json; they must not leak
+    /// into the token count (a padded encoding once read as a truncated prompt).
+    #[test]
+    fn tokenizer_json_with_padding_and_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        write_small_vocab(dir.path(), "<|endoftext|>");
+        let plain = ClipTokenizer::from_dir(dir.path()).unwrap();
+        let mut inner = plain.inner.clone();
+        inner.with_padding(Some(tokenizers::PaddingParams {
+            strategy: tokenizers::PaddingStrategy::Fixed(8),
+            pad_id: plain.pad_id(),
+            pad_token: "<|endoftext|>".into(),
+            ..Default::default()
+        }));
+        inner.with_truncation(Some(tokenizers::TruncationParams { max_length: 8, ..Default::default() })).unwrap();
+        let json_dir = tempfile::tempdir().unwrap();
+        inner.save(json_dir.path().join("tokenizer.json"), false).unwrap();
+        std::fs::copy(dir.path().join("tokenizer_config.json"), json_dir.path().join("tokenizer_config.json")).unwrap();
+        let t = ClipTokenizer::from_dir(json_dir.path()).unwrap();
+        let e = t.encode("red cat").unwrap();
+        assert!(!e.truncated);
+        assert_eq!(e, plain.encode("red cat").unwrap());
+        assert_eq!(t.tokenize("a b c d e f g h i j").unwrap().len(), 10);
     }
 
     #[test]

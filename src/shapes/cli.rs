@@ -23,7 +23,30 @@ pub struct ShapesArgs {
 pub enum ShapesCommand {
     /// Write sampled scenes of the shapes world: N PNGs (64×64) and captions.jsonl.
     Sample(SampleArgs),
+    /// Stream scenes to stdout as fixed-size binary records, for training scripts.
+    ///
+    /// Record i (scene i of the seed): 1 byte category index (spec order), 1 byte caption length
+    /// L, 94 bytes caption (UTF-8, first L bytes meaningful, zero-padded), then 64×64×3 bytes of
+    /// RGB pixels, row-major: 12,384 bytes in all. Ends after --count records, or never.
+    Stream(StreamArgs),
 }
+
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    /// Generator seed; record i is scene i of the seed (the same scene `sample` writes).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// First scene index.
+    #[arg(long, default_value_t = 0)]
+    pub start: u64,
+    /// Number of records; unlimited when absent (the reader closes the pipe when done).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+/// Bytes of one `tiller shapes stream` record.
+pub const STREAM_RECORD_BYTES: usize = 2 + STREAM_CAPTION_BYTES + (CANVAS * CANVAS * 3) as usize;
+const STREAM_CAPTION_BYTES: usize = 94;
 
 #[derive(Debug, Args)]
 pub struct SampleArgs {
@@ -31,8 +54,13 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Number of scenes.
-    #[arg(long)]
-    pub count: u64,
+    #[arg(long, required_unless_present = "per_category", conflicts_with = "per_category")]
+    pub count: Option<u64>,
+    /// Write the evaluation scenes instead: N per category, exactly the captions `tiller eval
+    /// shapes --seed` uses (seed 2026 there), so other implementations can be judged with
+    /// `tiller eval shapes --images`.
+    #[arg(long, value_name = "N")]
+    pub per_category: Option<u64>,
     /// Output directory (created): 000000.png, ... and captions.jsonl.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -53,11 +81,15 @@ pub enum EvalCommand {
 #[derive(Debug, Args)]
 pub struct EvalShapesArgs {
     /// Model directory, or the name of one under --models-dir.
-    #[arg(long, value_name = "NAME_OR_DIR", required_unless_present = "ground_truth")]
+    #[arg(long, value_name = "NAME_OR_DIR", required_unless_present_any = ["ground_truth", "images"])]
     pub model: Option<String>,
     /// Judge the renderer's own images instead of a model's (a sanity check: must score 1.0).
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with_all = ["model", "images"])]
     pub ground_truth: bool,
+    /// Judge images made elsewhere: DIR/captions.jsonl lists `{"file", "caption", "category"?}`
+    /// per image (the layout `tiller shapes sample` writes), files relative to DIR.
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub images: Option<PathBuf>,
     /// Evaluation captions per category.
     #[arg(long, default_value_t = 50)]
     pub per_category: u64,
@@ -98,6 +130,7 @@ pub struct EvalShapesArgs {
 pub fn run_shapes(args: &ShapesArgs) -> Result<()> {
     match &args.command {
         ShapesCommand::Sample(a) => sample(a),
+        ShapesCommand::Stream(a) => stream(a),
     }
 }
 
@@ -153,8 +186,14 @@ impl Lines {
 pub fn sample(args: &SampleArgs) -> Result<()> {
     create_dir(&args.out)?;
     let mut lines = Lines::create(args.out.join("captions.jsonl"))?;
-    for i in 0..args.count {
-        let scene = sample_scene(args.seed, i);
+    let scenes: Box<dyn Iterator<Item = Scene>> = match (args.count, args.per_category) {
+        (_, Some(n)) => Box::new(eval_scenes(args.seed, n).into_iter()),
+        (Some(count), None) => Box::new((0..count).map(|i| sample_scene(args.seed, i))),
+        (None, None) => return Err(TillerError::field("count", "give --count or --per-category")),
+    };
+    let mut written = 0u64;
+    for (i, scene) in scenes.enumerate() {
+        written += 1;
         let file = format!("{i:06}.png");
         write_png(&args.out.join(&file), &scene.render())?;
         let mut v = scene.to_json();
@@ -163,12 +202,75 @@ pub fn sample(args: &SampleArgs) -> Result<()> {
         lines.write(&v)?;
     }
     lines.finish()?;
-    eprintln!(
-        "wrote {} scenes (shapes world v{SPEC_VERSION}, seed {}) to {}",
-        args.count,
-        args.seed,
-        args.out.display()
-    );
+    eprintln!("wrote {} scenes (shapes world v{SPEC_VERSION}, seed {}) to {}", written, args.seed, args.out.display());
+    Ok(())
+}
+
+/// One scene as a `tiller shapes stream` record.
+pub fn stream_record(scene: &Scene) -> Vec<u8> {
+    let caption = &scene.caption;
+    let bytes = caption.as_bytes();
+    assert!(bytes.len() <= STREAM_CAPTION_BYTES, "caption longer than a stream record holds");
+    let mut out = Vec::with_capacity(STREAM_RECORD_BYTES);
+    out.push(scene.category().index() as u8);
+    out.push(bytes.len() as u8);
+    out.extend_from_slice(bytes);
+    out.resize(2 + STREAM_CAPTION_BYTES, 0);
+    out.extend_from_slice(scene.render().as_raw());
+    out
+}
+
+/// `tiller shapes stream`: records to stdout until `count` or a closed pipe.
+pub fn stream(args: &StreamArgs) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    let end = args.count.map(|c| args.start + c).unwrap_or(u64::MAX);
+    for i in args.start..end {
+        if let Err(e) = out.write_all(&stream_record(&sample_scene(args.seed, i))) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(TillerError::Other(anyhow::anyhow!("writing to stdout: {e}")));
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(TillerError::Other(anyhow::anyhow!("writing to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `tiller eval shapes --images DIR`: judge saved images against their captions.
+fn judge_images(dir: &Path, json: bool) -> Result<()> {
+    let list = dir.join("captions.jsonl");
+    let text = std::fs::read_to_string(&list).map_err(|e| TillerError::file(&list, format!("cannot read: {e}")))?;
+    let mut outcomes = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |m: String| TillerError::file(&list, format!("line {}: {m}", n + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let (Some(file), Some(caption)) = (v["file"].as_str(), v["caption"].as_str()) else {
+            return Err(bad("needs string fields `file` and `caption`".into()));
+        };
+        let path = dir.join(file);
+        let img =
+            image::open(&path).map_err(|e| TillerError::file(&path, format!("cannot read image: {e}")))?.to_rgb8();
+        let img = if img.dimensions() == (CANVAS, CANVAS) {
+            img
+        } else {
+            image::imageops::resize(&img, CANVAS, CANVAS, image::imageops::FilterType::Nearest)
+        };
+        let j = judge(caption, &img);
+        let sampled = v["category"].as_str().and_then(Category::from_name);
+        outcomes.push((j.category.map(|c| sampled.unwrap_or(c)), j.correct));
+    }
+    eprintln!("judged {} images listed in {}", outcomes.len(), list.display());
+    let report = Report::from_outcomes(outcomes);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?);
+    } else {
+        println!("{}", report.table());
+    }
     Ok(())
 }
 
@@ -180,6 +282,9 @@ pub fn eval_scenes(seed: u64, per_category: u64) -> Vec<Scene> {
 
 /// `tiller eval shapes`.
 pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
+    if let Some(dir) = &args.images {
+        return judge_images(dir, args.json);
+    }
     if args.per_category == 0 {
         return Err(TillerError::field("per-category", "must be at least 1"));
     }
@@ -270,7 +375,7 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
     if args.json {
         println!("{json}");
     } else {
-        print!("{}", report.table());
+        println!("{}", report.table());
     }
     Ok(())
 }

@@ -1,0 +1,488 @@
+"""Train the shapes-world default model (models/shapes) from scratch on CPU.
+
+Every component is rebuilt: the CLIP BPE tokenizer (vocab.json + merges.txt), the AutoencoderKL
+(64x64 RGB <-> 4x16x16 latents), and a CLIP text encoder trained jointly with the
+UNet2DConditionModel on the epsilon-prediction DDPM objective. Scenes come from the project's
+own generator (`tiller shapes stream`, the spec's implementation), drawn on the fly and never
+repeated. The output is a diffusers StableDiffusionPipeline directory.
+
+Run it through training/train.sh, which builds the generator and the pinned virtualenv:
+    training/train.sh                      # the full model, ~55 min on 2 cores
+    training/train.sh --tiny --out /tmp/x  # a few steps of a tiny config (CI smoke test)
+    training/train.sh --bench              # time one training step (compare benches/train_step.rs)
+
+Seeded: the generator seed, the torch seed and the data order are fixed by --seed; on one
+machine and thread count a rerun gives the same weights.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "scripts", "fixtures"))
+import clip_bpe  # noqa: E402  (our CLIP-format BPE writer, shared with the fixtures)
+
+RECORD = 2 + 94 + 64 * 64 * 3  # `tiller shapes stream` record size
+CATEGORIES = ["single", "counting", "two_objects", "position", "colors"]
+
+# The world's vocabulary (spec v1) comes first so each word is one token; the general English
+# word list behind it lets other prompts split into known pieces instead of bytes.
+WORLD_WORDS = (
+    "a and of left right above below two three four red green blue yellow purple cyan "
+    "circle circles square squares triangle triangles"
+).split()
+
+MAX_TOKENS = 16  # bos + the longest caption (9 words) + eos fits with room to spare
+
+TEXT_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=128,
+)
+
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+
+def load_json(name):
+    with open(os.path.join(HERE, name)) as f:
+        cfg = json.load(f)
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+TINY = {
+    "unet": dict(block_out_channels=[32, 32, 32], attention_head_dim=2, norm_num_groups=8),
+    "vae": dict(block_out_channels=[8, 8, 8], norm_num_groups=8),
+    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 projection_dim=32),
+}
+
+
+class SceneStream:
+    """Reads scenes from `tiller shapes stream --seed S` (images in [-1, 1], captions)."""
+
+    def __init__(self, tiller, seed, start=0):
+        self.proc = subprocess.Popen(
+            [tiller, "shapes", "stream", "--seed", str(seed), "--start", str(start)],
+            stdout=subprocess.PIPE,
+            bufsize=1 << 20,
+        )
+
+    def batch(self, n):
+        raw = self.proc.stdout.read(n * RECORD)
+        if len(raw) != n * RECORD:
+            raise RuntimeError("the scene generator stopped early (see its stderr)")
+        rec = np.frombuffer(raw, dtype=np.uint8).reshape(n, RECORD)
+        captions = [bytes(r[2:2 + r[1]]).decode() for r in rec]
+        categories = [CATEGORIES[r[0]] for r in rec]
+        pix = rec[:, 96:].reshape(n, 64, 64, 3).astype(np.float32)
+        images = torch.from_numpy(pix).permute(0, 3, 1, 2) / 127.5 - 1.0
+        return images.contiguous(), captions, categories
+
+    def close(self):
+        self.proc.stdout.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def write_tokenizer(directory):
+    from transformers import CLIPTokenizer
+
+    words = list(WORLD_WORDS)
+    for w in clip_bpe.training_words():
+        if w not in words:
+            words.append(w)
+    merges = clip_bpe.learn_merges(words)
+    vocab = clip_bpe.build_vocab(merges)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
+    tok = CLIPTokenizer(
+        os.path.join(directory, "vocab.json"),
+        os.path.join(directory, "merges.txt"),
+        model_max_length=MAX_TOKENS,
+        pad_token="<|endoftext|>",
+    )
+    for w in WORLD_WORDS:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, f"'{w}' is not one token"
+    return tok
+
+
+class Ema:
+    """Exponential moving average of parameters with the usual warm-up (decay ramps to `decay`)."""
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, module.parameters()):
+            s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module):
+        for s, p in zip(self.shadow, module.parameters()):
+            p.copy_(s)
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Log:
+    def __init__(self, path, fields):
+        self.f = open(path, "w", newline="")
+        self.w = csv.writer(self.f)
+        self.w.writerow(fields)
+
+    def row(self, *values):
+        self.w.writerow(values)
+        self.f.flush()
+
+
+def build_models(args):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae_cfg = load_json("vae_config.json")
+    unet_cfg = load_json("unet_config.json")
+    text_cfg = dict(TEXT_CONFIG)
+    if args.tiny:
+        vae_cfg.update(TINY["vae"])
+        unet_cfg.update(TINY["unet"])
+        text_cfg.update(TINY["text"])
+    vae = AutoencoderKL(**vae_cfg)
+    unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
+    unet = UNet2DConditionModel(**unet_cfg)
+    return vae, unet, text_cfg
+
+
+def train_vae(args, vae, stream, log_dir):
+    log = Log(os.path.join(log_dir, "vae_loss.csv"), ["step", "seconds", "l1", "kl", "lr"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae.train()
+    start = time.time()
+    for step in range(args.vae_steps):
+        lr = lr_at(step, args.vae_steps, args.vae_lr, min(200, args.vae_steps // 10 + 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = stream.batch(args.vae_batch)[0].to(args.device)
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        y = vae.decode(z).sample
+        l1 = (y - x).abs().mean()
+        kl = post.kl().mean() / (16 * 16 * 4)
+        loss = l1 + 0.05 * F.mse_loss(y, x) + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0 or step == args.vae_steps - 1:
+            log.row(step, round(time.time() - start, 1), float(l1), float(kl), lr)
+        if step % 100 == 0 or step == args.vae_steps - 1:
+            print(f"vae {step:>6}/{args.vae_steps}  l1 {float(l1):.4f}  kl {float(kl):.3f}  "
+                  f"{time.time() - start:.0f}s", flush=True)
+    vae.eval()
+    return time.time() - start
+
+
+@torch.no_grad()
+def vae_holdout(vae, tiller, n, device):
+    """Reconstruction MAE on [0, 1] of `n` held-out scenes (another seed), and the latent std."""
+    stream = SceneStream(tiller, seed=999_999)
+    x = stream.batch(n)[0].to(device)
+    stream.close()
+    z = vae.encode(x).latent_dist.mean
+    y = vae.decode(z).sample.clamp(-1, 1)
+    mae = float((y - x).abs().mean() / 2)
+    return mae, float(z.std())
+
+
+def train_unet(args, vae, unet, text_encoder, tokenizer, stream, log_dir):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    alphas = sched.alphas_cumprod
+    snr = (alphas / (1 - alphas)).to(args.device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_text = Ema(unet, args.ema), Ema(text_encoder, args.ema)
+    sf = vae.config.scaling_factor
+    log = Log(os.path.join(log_dir, "unet_loss.csv"), ["step", "seconds", "loss", "lr"])
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    unet.train()
+    text_encoder.train()
+    start = time.time()
+    smooth = None
+    for step in range(args.unet_steps):
+        lr = lr_at(step, args.unet_steps, args.lr, min(300, args.unet_steps // 10 + 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, captions, _ = stream.batch(args.batch)
+        with torch.no_grad():
+            dist = vae.encode(x.to(args.device)).latent_dist
+            latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(args.device)) * sf
+        # Caption dropout trains the unconditional branch classifier-free guidance needs.
+        drop = torch.rand(len(captions), generator=gen) < args.uncond
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids.to(args.device)
+        ctx = text_encoder(ids).last_hidden_state
+        noise = torch.randn(latents.shape, generator=gen).to(args.device)
+        t = torch.randint(0, 1000, (len(captions),), generator=gen)
+        noisy = sched.add_noise(latents, noise, t).to(args.device)
+        t = t.to(args.device)
+        pred = unet(noisy, t, ctx).sample
+        # Min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction: faster convergence.
+        w = torch.clamp(snr[t], max=5.0) / snr[t]
+        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (w * per).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_unet.update(unet)
+        ema_text.update(text_encoder)
+        mse = float(per.mean())
+        smooth = mse if smooth is None else 0.98 * smooth + 0.02 * mse
+        if step % 10 == 0 or step == args.unet_steps - 1:
+            log.row(step, round(time.time() - start, 1), mse, lr)
+        if step % 100 == 0 or step == args.unet_steps - 1:
+            print(f"unet {step:>6}/{args.unet_steps}  mse {smooth:.4f}  lr {lr:.2e}  "
+                  f"{time.time() - start:.0f}s", flush=True)
+    ema_unet.copy_to(unet)
+    ema_text.copy_to(text_encoder)
+    unet.eval()
+    text_encoder.eval()
+    return time.time() - start
+
+
+def bench(args):
+    """Time one training step of the real configs at the batch sizes of benches/train_step.rs."""
+    vae, unet, _ = build_models(args)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    x = torch.randn(32, 4, 16, 16)
+    ctx = torch.randn(32, 16, 128)
+    target = torch.randn(32, 4, 16, 16)
+
+    def unet_fwd():
+        with torch.no_grad():
+            unet(x, 500, ctx)
+
+    def unet_step():
+        loss = F.mse_loss(unet(x, 500, ctx).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    vopt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    img = torch.randn(16, 3, 64, 64)
+
+    def vae_step():
+        y = vae.decode(vae.encode(img).latent_dist.mean).sample
+        loss = (y - img).abs().mean()
+        vopt.zero_grad()
+        loss.backward()
+        vopt.step()
+
+    for label, batch, f in [("unet forward", 32, unet_fwd), ("unet forward+backward+adamw", 32, unet_step),
+                            ("vae encode+decode+backward", 16, vae_step)]:
+        f()
+        t0 = time.time()
+        for _ in range(args.bench_reps):
+            f()
+        ms = (time.time() - t0) * 1e3 / args.bench_reps
+        print(f"{label:<28} batch {batch:>3}: {ms:>9.1f} ms/step {ms / batch:>7.2f} ms/sample")
+
+
+def save_pipeline(args, vae, unet, text_encoder, tokenizer):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    # Ship the tokenizer as SD 1.x does, vocab.json + merges.txt (tokenizer.json would only
+    # repeat them, with transformers' padding settings).
+    tj = os.path.join(args.out, "tokenizer", "tokenizer.json")
+    if os.path.exists(tj):
+        os.remove(tj)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "models", "shapes"))
+    ap.add_argument("--logs", default=os.path.join(REPO, "docs", "training"),
+                    help="loss CSVs, the loss plot and summary.json go here")
+    ap.add_argument("--tiller", default=os.path.join(REPO, "target", "release", "tiller"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-3)
+    ap.add_argument("--unet-steps", type=int, default=1700)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--uncond", type=float, default=0.1, help="caption dropout rate")
+    ap.add_argument("--device", default="cpu", help="cpu (the budgeted run) or cuda (recipe trials)")
+    ap.add_argument("--sample-captions", metavar="DIR",
+                    help="instead of training: generate DIR/captions.jsonl's captions with the diffusers "
+                         "pipeline at --out into DIR/diffusers/ (judge with `tiller eval shapes --images`)")
+    ap.add_argument("--tiny", action="store_true", help="tiny networks and a few steps (CI smoke test)")
+    ap.add_argument("--bench", action="store_true", help="time one training step and exit")
+    ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale for --sample-captions")
+    ap.add_argument("--bench-reps", type=int, default=3)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if args.bench:
+        bench(args)
+        return
+    if args.sample_captions:
+        sample_captions(args)
+        return
+    if args.tiny:
+        args.vae_steps, args.unet_steps, args.batch, args.vae_batch = 3, 3, 4, 2
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    total_start = time.time()
+    os.makedirs(args.logs, exist_ok=True)
+    vae, unet, text_cfg = build_models(args)
+    stage_dir = os.path.join(args.out, "tokenizer")
+    tokenizer = write_tokenizer(stage_dir)
+    text_cfg["vocab_size"] = len(tokenizer.get_vocab())
+    text_cfg["bos_token_id"] = tokenizer.bos_token_id
+    text_cfg["eos_token_id"] = tokenizer.eos_token_id
+    text_cfg["pad_token_id"] = tokenizer.pad_token_id
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"parameters: vae {n(vae):,}  unet {n(unet):,}  text encoder {n(text_encoder):,}", flush=True)
+
+    stream = SceneStream(args.tiller, args.seed)
+    vae.to(args.device)
+    unet.to(args.device)
+    text_encoder.to(args.device)
+    vae_s = train_vae(args, vae, stream, args.logs)
+    mae, zstd = vae_holdout(vae, args.tiller, 8 if args.tiny else 256, args.device)
+    vae.register_to_config(scaling_factor=round(1.0 / max(zstd, 1e-6), 5))
+    print(f"vae held-out MAE {mae:.4f}; latent std {zstd:.3f} -> scaling_factor "
+          f"{vae.config.scaling_factor}", flush=True)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    unet_s = train_unet(args, vae, unet, text_encoder, tokenizer, stream, args.logs)
+    stream.close()
+    save_pipeline(args, vae.to("cpu"), unet.to("cpu"), text_encoder.to("cpu"), tokenizer)
+    summary = dict(
+        seed=args.seed, device=args.device, threads=args.threads, tiny=args.tiny, vae_steps=args.vae_steps,
+        vae_batch=args.vae_batch, unet_steps=args.unet_steps, batch=args.batch,
+        vae_seconds=round(vae_s, 1), unet_seconds=round(unet_s, 1),
+        total_seconds=round(time.time() - total_start, 1), vae_holdout_mae=round(mae, 5),
+        scaling_factor=vae.config.scaling_factor, torch=torch.__version__,
+        parameters=dict(vae=n(vae), unet=n(unet), text_encoder=n(text_encoder)),
+    )
+    with open(os.path.join(args.logs, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot(args.logs)
+    print(json.dumps(summary, indent=2))
+
+
+@torch.no_grad()
+def sample_captions(args):
+    """diffusers' own StableDiffusionPipeline on our model: a cross-check of tiller's sampler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.out).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    out_dir = os.path.join(args.sample_captions, "diffusers")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(args.sample_captions, "captions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    results = []
+    for i in range(0, len(rows), 50):
+        chunk = rows[i:i + 50]
+        gens = [torch.Generator(args.device).manual_seed(args.seed + i + j) for j in range(len(chunk))]
+        images = pipe([r["caption"] for r in chunk], num_inference_steps=50, guidance_scale=args.guidance,
+                      generator=gens, height=64, width=64).images
+        for r, im in zip(chunk, images):
+            im.save(os.path.join(out_dir, r["file"]))
+            results.append(dict(r))
+    with open(os.path.join(out_dir, "captions.jsonl"), "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(results)} images to {out_dir}")
+
+
+def plot(log_dir):
+    """Loss curves as docs/training/loss.png (skipped when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no loss plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, name, col, title in [(axes[0], "vae_loss.csv", "l1", "VAE reconstruction L1 ([-1, 1] scale)"),
+                                 (axes[1], "unet_loss.csv", "loss", "UNet epsilon MSE (per batch)")]:
+        with open(os.path.join(log_dir, name)) as f:
+            rows = list(csv.DictReader(f))
+        steps = np.array([int(r["step"]) for r in rows])
+        vals = np.array([float(r[col]) for r in rows])
+        ax.plot(steps, vals, lw=0.6, alpha=0.4, color="C0")
+        k = max(1, len(vals) // 50)
+        if len(vals) > k:
+            smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, lw=1.5, color="C1")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(log_dir, "loss.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
