@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TillerError};
 
+/// The shapes-world model shipped under `models/` (trained by `training/train.sh`): the default
+/// model whenever it is among the loaded models and no other default is configured.
+pub const EMBEDDED_DEFAULT_MODEL: &str = "shapes";
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -86,7 +90,8 @@ pub struct ModelsConfig {
     /// Models root: every subdirectory holding `model_index.json` is a model named after the
     /// directory.
     pub root: PathBuf,
-    /// Model used when a request names none; `None` = the first model (by name) under `root`.
+    /// Model used when a request names none; `None` = [`EMBEDDED_DEFAULT_MODEL`] when it is
+    /// under `root`, else the first model by name.
     pub default: Option<String>,
     /// Only load these models (names under `root`); empty = load all of them.
     pub load: Vec<String>,

@@ -362,7 +362,7 @@ def main():
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=3e-4)
-    ap.add_argument("--unet-steps", type=int, default=3400)
+    ap.add_argument("--unet-steps", type=int, default=2900)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.999)

@@ -457,6 +457,10 @@ fn register(
                 summaries.keys().cloned().collect::<Vec<_>>().join(", ")
             ))
         }
+        // The embedded shapes-world model when it is there, else the first by name.
+        None if summaries.contains_key(crate::config::EMBEDDED_DEFAULT_MODEL) => {
+            crate::config::EMBEDDED_DEFAULT_MODEL.to_string()
+        }
         None => summaries.keys().next().cloned().expect("non-empty"),
     };
     tracing::info!(

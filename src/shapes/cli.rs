@@ -90,6 +90,11 @@ pub struct EvalShapesArgs {
     /// per image (the layout `tiller shapes sample` writes), files relative to DIR.
     #[arg(long, value_name = "DIR", conflicts_with = "model")]
     pub images: Option<PathBuf>,
+    /// Check the model's VAE instead of generating: encode and decode each evaluation scene,
+    /// report the mean absolute error (on [0, 1]) and the evaluator's accuracy on the
+    /// reconstructions.
+    #[arg(long, requires = "model")]
+    pub reconstruct: bool,
     /// Evaluation captions per category.
     #[arg(long, default_value_t = 50)]
     pub per_category: u64,
@@ -241,6 +246,33 @@ pub fn stream(args: &StreamArgs) -> Result<()> {
     }
 }
 
+/// `tiller eval shapes --reconstruct`: the VAE round trip of the evaluation scenes.
+fn reconstruct(args: &EvalShapesArgs, scenes: &[Scene]) -> Result<()> {
+    let m = args.model.as_deref().ok_or_else(|| TillerError::field("model", "--reconstruct needs --model"))?;
+    let (name, dir) = crate::cli::resolve_model_dir(m, &args.models_dir)?;
+    let device = args.device.open()?;
+    let dtype = args.dtype.check_device(&device)?;
+    let opts =
+        crate::models::stable_diffusion::LoadOptions { dtype, device: device.clone(), variant: None, clip_skip: 0 };
+    let model = crate::models::stable_diffusion::StableDiffusion::load(&name, &dir, &opts)?;
+    eprintln!("model {name}: VAE round trip of {} evaluation scenes (seed {})", scenes.len(), args.seed);
+    let r = super::roundtrip::vae_round_trip(model.vae(), scenes, &device, 32)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r).map_err(anyhow::Error::from)?);
+    } else {
+        println!("{}", r.report.table());
+        println!(
+            "mean absolute error {:.4} (worst scene {:.4}); detections match on {}/{} reconstructions ({:.1} %)",
+            r.mae,
+            r.max_scene_mae,
+            r.detections_match,
+            r.scenes,
+            100.0 * r.match_rate
+        );
+    }
+    Ok(())
+}
+
 /// `tiller eval shapes --images DIR`: judge saved images against their captions.
 fn judge_images(dir: &Path, json: bool) -> Result<()> {
     let list = dir.join("captions.jsonl");
@@ -289,6 +321,9 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
         return Err(TillerError::field("per-category", "must be at least 1"));
     }
     let scenes = eval_scenes(args.seed, args.per_category);
+    if args.reconstruct {
+        return reconstruct(args, &scenes);
+    }
     let model = match (&args.model, args.ground_truth) {
         (Some(m), false) => {
             let (name, dir) = crate::cli::resolve_model_dir(m, &args.models_dir)?;
