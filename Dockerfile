@@ -61,7 +61,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --create-home --uid 10001 tiller
 COPY --from=build /out/tiller /usr/local/bin/tiller
-# The toy default model; mount a volume on /models to serve real ones.
+# The default shapes-world model (and toy-gmm); mount a volume on /models to serve others.
 COPY models /models
 COPY tiller.example.toml /etc/tiller/tiller.example.toml
 ENV TILLER_BIND=0.0.0.0:8080 \

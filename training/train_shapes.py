@@ -7,7 +7,7 @@ own generator (`tiller shapes stream`, the spec's implementation), drawn on the 
 repeated. The output is a diffusers StableDiffusionPipeline directory.
 
 Run it through training/train.sh, which builds the generator and the pinned virtualenv:
-    training/train.sh                      # the full model, ~55 min on 2 cores
+    training/train.sh                      # the full model, ~60 min on 2 cores
     training/train.sh --tiny --out /tmp/x  # a few steps of a tiny config (CI smoke test)
     training/train.sh --bench              # time one training step (compare benches/train_step.rs)
 
@@ -362,7 +362,7 @@ def main():
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=3e-4)
-    ap.add_argument("--unet-steps", type=int, default=2900)
+    ap.add_argument("--unet-steps", type=int, default=2300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.999)
