@@ -111,10 +111,10 @@ fn vae_keeps_the_shapes_world() {
         100.0 * r.match_rate
     );
     assert!(r.mae <= 0.03, "reconstruction MAE {:.4} > 0.03", r.mae);
-    // The bar is 95 %; the shipped VAE reaches 53 % on the 250 evaluation scenes (its
-    // reconstructions are mottled, so regions split or change palette colour). This guards the
-    // level reached until a better-trained VAE raises it.
-    assert!(r.match_rate >= 0.45, "only {:.1} % of reconstructions judged correct", 100.0 * r.match_rate);
+    // The bar is 95 %; the shipped VAE reaches 90.4 % on the 250 evaluation scenes (92 %
+    // on these 100). Before its decoder stage on posterior means it was 53 %: mottled interiors
+    // split regions or changed their palette colour. This guards the level reached.
+    assert!(r.match_rate >= 0.85, "only {:.1} % of reconstructions judged correct", 100.0 * r.match_rate);
 }
 
 #[test]
@@ -137,9 +137,9 @@ fn draws_single_objects() {
         eprintln!("{:<24} {}", scene.caption, j.reason);
         correct += j.correct as usize;
     }
-    // The 50-caption evaluation (README) measures the rate: 0.30 for the shipped weights, below
-    // the 0.8. This guards that level (3 of these 8 at 25 steps) until a better model lands.
-    assert!(correct >= 2, "{correct}/{} single-object captions drawn correctly", scenes.len());
+    // The 50-caption evaluation (README) measures the rate, below the 0.8 for the shipped
+    // weights. This guards the level reached (4 of these 8 at 25 steps) until a better model lands.
+    assert!(correct >= 3, "{correct}/{} single-object captions drawn correctly", scenes.len());
 }
 
 #[tokio::test(flavor = "multi_thread")]
