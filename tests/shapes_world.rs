@@ -494,3 +494,68 @@ fn cli_eval_runs_a_model_and_resizes_its_images() {
         assert_eq!(judge(r["caption"].as_str().unwrap(), &img).correct, r["correct"].as_bool().unwrap());
     }
 }
+
+/// `tiller shapes stream` writes the documented fixed-size records: category index, caption
+/// length, zero-padded caption, then the rendered pixels of scene i of the seed.
+#[test]
+fn stream_records_are_the_sampled_scenes() {
+    use tiller::shapes::cli::STREAM_RECORD_BYTES;
+    let out = tiller().args(["shapes", "stream", "--seed", "5", "--start", "3", "--count", "4"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(STREAM_RECORD_BYTES, 2 + 94 + 64 * 64 * 3);
+    assert_eq!(out.stdout.len(), 4 * STREAM_RECORD_BYTES);
+    for (k, rec) in out.stdout.chunks(STREAM_RECORD_BYTES).enumerate() {
+        let scene = sample_scene(5, 3 + k as u64);
+        assert_eq!(rec[0] as usize, scene.category().index());
+        let len = rec[1] as usize;
+        assert_eq!(&rec[2..2 + len], scene.caption.as_bytes());
+        assert!(rec[2 + len..96].iter().all(|&b| b == 0));
+        assert_eq!(&rec[96..], scene.render().as_raw().as_slice());
+    }
+}
+
+/// `tiller shapes sample --per-category` exports exactly the evaluation scenes, and
+/// `tiller eval shapes --images` judges such a directory: the renderer's own images score 1,
+/// and a wrong caption is counted wrong.
+#[test]
+fn eval_scenes_export_and_judging_saved_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out =
+        tiller().args(["shapes", "sample", "--per-category", "3", "--seed", "2026", "--out"]).arg(d).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = tiller::shapes::cli::eval_scenes(2026, 3);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.join("captions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), want.len());
+    for (l, s) in lines.iter().zip(&want) {
+        assert_eq!(l["caption"], s.caption.as_str());
+        assert_eq!(l["category"], s.category().name());
+    }
+
+    let judge_dir = |d: &Path| {
+        let out = tiller().args(["eval", "shapes", "--json", "--images"]).arg(d).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let r = judge_dir(d);
+    assert_eq!(r["total"], 15);
+    assert_eq!(r["mean_accuracy"], 1.0);
+
+    // Swap the first caption for another scene's: that image is now judged wrong.
+    let mut edited = lines.clone();
+    edited[0]["caption"] = lines[1]["caption"].clone();
+    let text: String = edited.iter().map(|v| format!("{v}\n")).collect();
+    std::fs::write(d.join("captions.jsonl"), text).unwrap();
+    let r = judge_dir(d);
+    assert_eq!(r["correct"], 14);
+
+    // A listed file that is missing is an error naming it, not a panic.
+    std::fs::remove_file(d.join(lines[2]["file"].as_str().unwrap())).unwrap();
+    let out = tiller().args(["eval", "shapes", "--images"]).arg(d).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(lines[2]["file"].as_str().unwrap()));
+}

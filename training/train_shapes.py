@@ -117,15 +117,7 @@ def write_tokenizer(directory):
     for w in clip_bpe.training_words():
         if w not in words:
             words.append(w)
-    merges = clip_bpe.learn_merges(words)
-    vocab = clip_bpe.build_vocab(merges)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        for a, b in merges:
-            f.write(f"{a} {b}\n")
+    clip_bpe.write_clip_bpe(directory, words)
     tok = CLIPTokenizer(
         os.path.join(directory, "vocab.json"),
         os.path.join(directory, "merges.txt"),
