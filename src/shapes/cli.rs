@@ -273,6 +273,15 @@ fn reconstruct(args: &EvalShapesArgs, scenes: &[Scene]) -> Result<()> {
     Ok(())
 }
 
+/// An image at the canvas size the evaluator judges (nearest-neighbour resize when it differs).
+fn to_canvas(img: image::RgbImage) -> image::RgbImage {
+    if img.dimensions() == (CANVAS, CANVAS) {
+        img
+    } else {
+        image::imageops::resize(&img, CANVAS, CANVAS, image::imageops::FilterType::Nearest)
+    }
+}
+
 /// `tiller eval shapes --images DIR`: judge saved images against their captions.
 fn judge_images(dir: &Path, json: bool) -> Result<()> {
     let list = dir.join("captions.jsonl");
@@ -287,11 +296,7 @@ fn judge_images(dir: &Path, json: bool) -> Result<()> {
         let path = dir.join(file);
         let img =
             image::open(&path).map_err(|e| TillerError::file(&path, format!("cannot read image: {e}")))?.to_rgb8();
-        let img = if img.dimensions() == (CANVAS, CANVAS) {
-            img
-        } else {
-            image::imageops::resize(&img, CANVAS, CANVAS, image::imageops::FilterType::Nearest)
-        };
+        let img = to_canvas(img);
         let j = judge(caption, &img);
         let sampled = v["category"].as_str().and_then(Category::from_name);
         outcomes.push((j.category.map(|c| sampled.unwrap_or(c)), j.correct));
@@ -374,12 +379,7 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
                     }
                     other => TillerError::Other(anyhow::anyhow!("generation failed: {other}")),
                 })?;
-                let img = tensor_to_image(&out.images.get(0)?)?;
-                if img.dimensions() == (CANVAS, CANVAS) {
-                    img
-                } else {
-                    image::imageops::resize(&img, CANVAS, CANVAS, image::imageops::FilterType::Nearest)
-                }
+                to_canvas(tensor_to_image(&out.images.get(0)?)?)
             }
         };
         let cat = scene.category();
