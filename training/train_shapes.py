@@ -297,6 +297,15 @@ def vae_holdout(vae, tiller, n, device):
 
 
 @torch.no_grad()
+def encode_scenes(vae, tokenizer, x, captions, device):
+    """UNet training inputs: latents (posterior means x scaling factor) and padded token ids."""
+    latents = vae.encode(x.to(device)).latent_dist.mean * vae.config.scaling_factor
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return latents, ids
+
+
+@torch.no_grad()
 def encode_pool(args, vae, tokenizer, stream):
     """Encode `--pool` fresh scenes once: latents (posterior means x scaling factor) and token ids.
 
@@ -305,20 +314,19 @@ def encode_pool(args, vae, tokenizer, stream):
     cores every step saved is a step more of the UNet. Posterior means, not samples: the
     posterior's noise is unpredictable from the caption, and at small t it dominated the epsilon
     loss (0.33 plateau in a trial run) and decoded as colour smears."""
-    sf = vae.config.scaling_factor
     latents, ids = [], []
     start = time.time()
     chunk = 64
     for i in range(0, args.pool, chunk):
         n = min(chunk, args.pool - i)
         x, captions, _ = stream.batch(n)
-        latents.append(vae.encode(x.to(args.device)).latent_dist.mean * sf)
-        ids.append(tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                             return_tensors="pt").input_ids)
+        z, tokens = encode_scenes(vae, tokenizer, x, captions, args.device)
+        latents.append(z)
+        ids.append(tokens)
         if (i // chunk) % 100 == 0:
             print(f"pool {i + n:>6}/{args.pool} scenes encoded  {time.time() - start:.0f}s", flush=True)
     print(f"pool of {args.pool} scenes encoded in {time.time() - start:.0f}s", flush=True)
-    return torch.cat(latents), torch.cat(ids).to(args.device), time.time() - start
+    return torch.cat(latents), torch.cat(ids), time.time() - start
 
 
 def train_unet(args, vae, unet, text_encoder, tokenizer, stream, log_dir):
@@ -355,10 +363,7 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, stream, log_dir):
             latents, ids = pool_latents[idx], pool_ids[idx]
         else:  # fresh scenes every batch (the shipped model's recipe)
             x, captions, _ = stream.batch(args.batch)
-            with torch.no_grad():
-                latents = vae.encode(x.to(args.device)).latent_dist.mean * vae.config.scaling_factor
-            ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                            return_tensors="pt").input_ids.to(args.device)
+            latents, ids = encode_scenes(vae, tokenizer, x, captions, args.device)
         # Caption dropout trains the unconditional branch classifier-free guidance needs.
         drop = (torch.rand(len(ids), generator=gen) < args.uncond).to(args.device)
         ids = torch.where(drop[:, None], empty_ids, ids)
