@@ -30,7 +30,7 @@ raise SystemExit(0 if ok else 1)
 PY
 then
     echo "installing ${pins[*]} into $venv" >&2
-    "$venv/bin/python" -m pip install --quiet "${pins[@]}"
+    "$venv/bin/python" -m pip install --quiet --no-cache-dir "${pins[@]}"
 fi
 
 # The generator is cheap; the debug build shares CI's test build.
