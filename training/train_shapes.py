@@ -4,7 +4,8 @@ Every component is rebuilt: the CLIP BPE tokenizer (vocab.json + merges.txt), th
 (64x64 RGB <-> 4x16x16 latents), and a CLIP text encoder trained jointly with the
 UNet2DConditionModel on the epsilon-prediction DDPM objective. Scenes come from the project's
 own generator (`tiller shapes stream`, the spec's implementation), fresh every batch (or, with
-`--pool N`, N scenes encoded once for the UNet stage). The output is a diffusers StableDiffusionPipeline directory.
+`--pool N`, N scenes encoded once for the UNet stage). The output is a diffusers
+StableDiffusionPipeline directory.
 
 Run it through training/train.sh, which builds the generator and the pinned virtualenv:
     training/train.sh                      # the full model, ~60 min on 2 cores
@@ -626,7 +627,7 @@ def plot(log_dir):
         print("matplotlib not installed: no loss plot", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, name, col, title in [(axes[0], "vae_loss.csv", "l1", "VAE object-weighted L1 ([-1, 1] scale)"),
+    for ax, name, col, title in [(axes[0], "vae_loss.csv", "l1", "VAE reconstruction L1 ([-1, 1] scale)"),
                                  (axes[1], "unet_loss.csv", "loss", "UNet epsilon MSE (per batch)")]:
         if not os.path.exists(os.path.join(log_dir, name)):  # e.g. --vae-from: no VAE stage
             continue
