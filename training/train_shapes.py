@@ -273,20 +273,36 @@ def train_decoder(args, vae, log_dir, stage):
         steps, noise, weight, name = args.decoder_steps, 0.0, args.object_weight, "decoder_loss.csv"
     else:
         steps, noise, weight, name = args.robust_steps, args.robust_noise, 0.0, "robust_decoder_loss.csv"
-    log = Log(os.path.join(log_dir, name), ["step", "seconds", "loss"])
-    params = trainable_decoder(vae)
-    opt = torch.optim.AdamW(params, lr=args.decoder_lr)
     stream = SceneStream(args.tiller, seed=args.seed + (5 if stage == "decoder" else 6))
     gen = torch.Generator().manual_seed(args.seed + 6)
     zstd = 1.0 / vae.config.scaling_factor
+
+    @torch.no_grad()
+    def inputs(step):
+        x = stream.batch(args.vae_batch)[0].to(args.device)
+        z = vae.encode(x).latent_dist.mean
+        if noise > 0:
+            level = torch.rand(z.shape[0], 1, 1, 1, generator=gen) * noise * zstd
+            z = z + (level * torch.randn(z.shape, generator=gen)).to(args.device)
+        return z, x
+
+    seconds = fit_decoder(args, vae, os.path.join(log_dir, name), stage, steps, inputs, weight)
+    stream.close()
+    return seconds
+
+
+def fit_decoder(args, vae, csv_path, stage, steps, inputs, weight, warmup=0, print_every=100):
+    """The decoder stages' shared loop: `inputs(step)` gives (latents to decode, the scenes they
+    must become); encoder frozen, AdamW at `--decoder-lr` (linear warm-up over `warmup` steps)."""
+    log = Log(csv_path, ["step", "seconds", "loss"])
+    params = trainable_decoder(vae)
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr)
     start = time.time()
     for step in range(steps):
-        x = stream.batch(args.vae_batch)[0].to(args.device)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
-            if noise > 0:
-                level = torch.rand(z.shape[0], 1, 1, 1, generator=gen) * noise * zstd
-                z = z + (level * torch.randn(z.shape, generator=gen)).to(args.device)
+        if warmup:
+            for g in opt.param_groups:
+                g["lr"] = args.decoder_lr * min(1.0, (step + 1) / warmup)
+        z, x = inputs(step)
         y = vae.decode(z).sample
         loss = decoder_loss(y, x, weight)
         opt.zero_grad(set_to_none=True)
@@ -294,10 +310,9 @@ def train_decoder(args, vae, log_dir, stage):
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             log.row(step, round(time.time() - start, 1), float(loss.detach()))
-        if step % 100 == 0 or step == steps - 1:
+        if step % print_every == 0 or step == steps - 1:
             print(f"{stage} {step:>5}/{steps}  loss {float(loss.detach()):.4f}  "
                   f"{time.time() - start:.0f}s", flush=True)
-    stream.close()
     for p in vae.parameters():
         p.requires_grad_(False)
     vae.eval()
@@ -336,12 +351,9 @@ def train_decoder_on_samples(args, vae, unet, text_encoder, tokenizer, log_dir):
     typical errors back onto the palette and the spec's geometry. The scene is the target, so the
     decoder is taught what was meant, never what the UNet drew. Encoder and UNet are frozen."""
     sched = training_schedule()
-    log = Log(os.path.join(log_dir, "refine_decoder_loss.csv"), ["step", "seconds", "loss"])
     for m in (unet, text_encoder):
         m.eval()
         m.requires_grad_(False)
-    params = trainable_decoder(vae)
-    opt = torch.optim.AdamW(params, lr=args.decoder_lr)
     stream = SceneStream(args.tiller, seed=args.seed + 8)
     gen = torch.Generator().manual_seed(args.seed + 9)
     with torch.no_grad():
@@ -349,35 +361,22 @@ def train_decoder_on_samples(args, vae, unet, text_encoder, tokenizer, log_dir):
                           return_tensors="pt").input_ids.to(args.device)
         uncond = text_encoder(empty).last_hidden_state
     sf = vae.config.scaling_factor
-    start = time.time()
-    steps = args.refine_steps
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = args.decoder_lr * min(1.0, (step + 1) / 20)
+
+    @torch.no_grad()
+    def inputs(step):
         x, captions, _ = stream.batch(args.vae_batch)
         x = x.to(args.device)
-        with torch.no_grad():
-            latents, ids = encode_scenes(vae, tokenizer, x, captions, args.device)
-            ctx = text_encoder(ids).last_hidden_state
-            t_start = torch.randint(60, args.refine_tmax + 1, (len(ids),), generator=gen).to(args.device)
-            sampled = denoise_back(unet, sched, latents, ctx, uncond, t_start, args.guidance, gen)
-            exact = (torch.rand(len(ids), generator=gen) < args.refine_clean).to(args.device)
-            z = torch.where(exact.view(-1, 1, 1, 1), latents, sampled) / sf
-        y = vae.decode(z).sample
-        loss = decoder_loss(y, x, args.refine_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            log.row(step, round(time.time() - start, 1), float(loss.detach()))
-        if step % 50 == 0 or step == steps - 1:
-            print(f"refine {step:>5}/{steps}  loss {float(loss.detach()):.4f}  "
-                  f"{time.time() - start:.0f}s", flush=True)
+        latents, ids = encode_scenes(vae, tokenizer, x, captions, args.device)
+        ctx = text_encoder(ids).last_hidden_state
+        t_start = torch.randint(60, args.refine_tmax + 1, (len(ids),), generator=gen).to(args.device)
+        sampled = denoise_back(unet, sched, latents, ctx, uncond, t_start, args.guidance, gen)
+        exact = (torch.rand(len(ids), generator=gen) < args.refine_clean).to(args.device)
+        return torch.where(exact.view(-1, 1, 1, 1), latents, sampled) / sf, x
+
+    seconds = fit_decoder(args, vae, os.path.join(log_dir, "refine_decoder_loss.csv"), "refine",
+                          args.refine_steps, inputs, args.refine_weight, warmup=20, print_every=50)
     stream.close()
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    vae.eval()
-    return time.time() - start
+    return seconds
 
 
 @torch.no_grad()
@@ -444,7 +443,8 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
     ema_unet, ema_text = Ema(unet, args.ema), Ema(text_encoder, args.ema)
     log = Log(os.path.join(log_dir, "unet_loss.csv"), ["step", "seconds", "loss", "lr"])
     gen = torch.Generator().manual_seed(args.seed + 1)
-    # channels-last convolutions: ~7 % faster per step with oneDNN on this CPU (training/train.sh --bench)
+    # channels-last convolutions: 703 vs 752 ms per fwd+bwd+AdamW step of batch 32 with oneDNN on this
+    # CPU (one back-to-back comparison of the two layouts; not part of training/train.sh --bench)
     unet.to(memory_format=torch.channels_last)
     unet.train()
     text_encoder.train()
