@@ -9,7 +9,7 @@ of `--pool` scenes encoded once for the UNet stage. The output is a diffusers
 StableDiffusionPipeline directory.
 
 Run it through training/train.sh, which builds the generator and the pinned virtualenv:
-    training/train.sh                      # the full model, ~57 min on 2 cores
+    training/train.sh                      # the full model, ~58 min on 2 cores
     training/train.sh --tiny --out /tmp/x  # a few steps of a tiny config (CI smoke test)
     training/train.sh --bench              # time one training step (compare benches/train_step.rs)
 
@@ -453,9 +453,9 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
     # CPU (one back-to-back comparison of the two layouts; not part of training/train.sh --bench)
     unet.to(memory_format=torch.channels_last)
     # torch.compile (inductor's C++ kernels) fuses the group norms, activations and attention around
-    # the oneDNN convolutions: 628 ms per step of 32 against ~850 in a back-to-back benchmark, after
-    # 225 s of compiling forward and backward on a cold cache (/tmp/torchinductor_$USER keeps it),
-    # so it pays for itself after ~1,000 steps.
+    # the oneDNN convolutions: 628-711 ms per step of 32 against 856-1023 in back-to-back benchmarks,
+    # after 225-261 s of compiling forward and backward on a cold cache (/tmp/torchinductor_$USER
+    # keeps it), so it pays for itself after ~1,200 steps.
     forward = torch.compile(unet) if args.compile else unet
     if args.compile:
         print("compiling the UNet's training step (about 4 minutes on 2 cores, unless cached)", flush=True)
