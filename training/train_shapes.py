@@ -443,8 +443,8 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
     empty_ids = tokenizer([""], padding="max_length", max_length=MAX_TOKENS,
                           return_tensors="pt").input_ids.to(args.device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    # fused AdamW: one pass over all parameters instead of a chain of element-wise ones; 785-856
-    # against 856-1023 ms per whole UNet step of 32 (two back-to-back runs of each, 2 threads)
+    # fused AdamW: one pass over all parameters instead of a chain of element-wise ones (with
+    # channels-last, 0.83x the plain step's time in `training/train.sh --bench`)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
     ema_unet, ema_text = Ema(unet, args.ema), Ema(text_encoder, args.ema)
     log = Log(os.path.join(log_dir, "unet_loss.csv"), ["step", "seconds", "loss", "lr"])
@@ -453,9 +453,9 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
     # CPU (one back-to-back comparison of the two layouts; not part of training/train.sh --bench)
     unet.to(memory_format=torch.channels_last)
     # torch.compile (inductor's C++ kernels) fuses the group norms, activations and attention around
-    # the oneDNN convolutions: 628-711 ms per step of 32 against 856-1023 in back-to-back benchmarks,
-    # after 225-261 s of compiling forward and backward on a cold cache (/tmp/torchinductor_$USER
-    # keeps it), so it pays for itself after ~1,200 steps.
+    # the oneDNN convolutions: 0.73x the plain step's time in `training/train.sh --bench`, after
+    # 160-260 s of compiling forward and backward (/tmp/torchinductor_$USER caches it), so it pays
+    # for itself after ~1,000 steps.
     forward = torch.compile(unet) if args.compile else unet
     if args.compile:
         print("compiling the UNet's training step (about 4 minutes on 2 cores, unless cached)", flush=True)
@@ -514,22 +514,31 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
 
 
 def bench(args):
-    """Time one training step of the real configs at the batch sizes of benches/train_step.rs."""
+    """Time one training step of the real configs at the batch sizes of benches/train_step.rs, then
+    the UNet step as the UNet stage runs it (channels-last, fused AdamW, and with `--compile`
+    torch.compile), as ratios to the plain step measured in the same run."""
+    import copy
+
     vae, unet, _ = build_models(args)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     x = torch.randn(32, 4, 16, 16)
     ctx = torch.randn(32, 16, 128)
     target = torch.randn(32, 4, 16, 16)
+    t = torch.full((32,), 500)
 
     def unet_fwd():
         with torch.no_grad():
-            unet(x, 500, ctx)
+            unet(x, t, ctx)
 
-    def unet_step():
-        loss = F.mse_loss(unet(x, 500, ctx).sample, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def unet_step_fn(net, forward, fused, memory_format):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
+        xin = x.contiguous(memory_format=memory_format)
+
+        def step():
+            loss = F.mse_loss(forward(xin, t, ctx).sample, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
 
     vopt = torch.optim.AdamW(vae.parameters(), lr=1e-4)
     img = torch.randn(16, 3, 64, 64)
@@ -541,14 +550,31 @@ def bench(args):
         loss.backward()
         vopt.step()
 
-    for label, batch, f in [("unet forward", 32, unet_fwd), ("unet forward+backward+adamw", 32, unet_step),
-                            ("vae encode+decode+backward", 16, vae_step)]:
-        f()
+    shipped = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    rows = [("unet forward", 32, unet_fwd),
+            ("unet forward+backward+adamw", 32, unet_step_fn(unet, unet, False, torch.contiguous_format)),
+            ("vae encode+decode+backward", 16, vae_step),
+            ("unet step, channels-last + fused adamw", 32,
+             unet_step_fn(shipped, shipped, True, torch.channels_last))]
+    if args.compile:
+        compiled = copy.deepcopy(shipped)
+        rows.append(("unet step, as above + torch.compile", 32,
+                     unet_step_fn(compiled, torch.compile(compiled), True, torch.channels_last)))
+    plain = None
+    for label, batch, f in rows:
+        t0 = time.time()
+        f()  # warm-up; for the compiled step this is the compile
+        first = time.time() - t0
         t0 = time.time()
         for _ in range(args.bench_reps):
             f()
         ms = (time.time() - t0) * 1e3 / args.bench_reps
-        print(f"{label:<28} batch {batch:>3}: {ms:>9.1f} ms/step {ms / batch:>7.2f} ms/sample")
+        if label == "unet forward+backward+adamw":
+            plain = ms
+        ratio = f"  {ms / plain:.2f}x the plain unet step" if plain and label.startswith("unet step") else ""
+        extra = f"  (first call {first:.0f} s)" if first > 5 else ""
+        print(f"{label:<40} batch {batch:>3}: {ms:>9.1f} ms/step {ms / batch:>7.2f} ms/sample{ratio}{extra}",
+              flush=True)
 
 
 def save_pipeline(args, vae, unet, text_encoder, tokenizer):
@@ -604,8 +630,8 @@ def main():
     ap.add_argument("--object-weight", type=float, default=0.0,
                     help="extra VAE loss weight on and around objects (0: plain mean, the shipped recipe)")
     ap.add_argument("--lr", type=float, default=2e-3, help="UNet + text encoder peak learning rate")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="torch.compile the UNet for its training stage (off with --tiny)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the UNet for its training stage (default: on, except with --tiny)")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--uncond", type=float, default=0.1, help="caption dropout rate")
     ap.add_argument("--device", default="cpu", help="cpu (the budgeted run) or cuda (recipe trials)")
@@ -619,6 +645,8 @@ def main():
     ap.add_argument("--bench-reps", type=int, default=3)
     args = ap.parse_args()
 
+    if args.compile is None:
+        args.compile = not args.tiny  # minutes of compiling would dwarf three tiny steps
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -635,7 +663,6 @@ def main():
         args.vae_steps, args.unet_steps, args.batch, args.vae_batch, args.decoder_steps = 3, 3, 4, 2, 2
         args.robust_steps = args.refine_steps = 2  # exercise every stage, including the optional ones
         args.pool = min(args.pool, 8)
-        args.compile = False  # minutes of compiling for three steps
         args.object_weight = 1.0
     from transformers import CLIPTextConfig, CLIPTextModel
 
