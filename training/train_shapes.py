@@ -672,6 +672,7 @@ def main():
         args.robust_steps = args.refine_steps = 2  # exercise every stage, including the optional ones
         args.pool = min(args.pool, 8)
         args.object_weight = 1.0
+        args.input_perturbation = args.input_perturbation or 0.1
     from transformers import CLIPTextConfig, CLIPTextModel
 
     total_start = time.time()
