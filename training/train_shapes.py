@@ -447,6 +447,9 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
     # channels-last, 0.83x the plain step's time in `training/train.sh --bench`)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
     ema_unet, ema_text = Ema(unet, args.ema), Ema(text_encoder, args.ema)
+    # Extra averages kept only to choose --ema (saved by save_variants, never shipped); 0 is the
+    # raw weights and needs no average.
+    variants = {d: (Ema(unet, d), Ema(text_encoder, d)) for d in args.ema_variants if d > 0}
     log = Log(os.path.join(log_dir, "unet_loss.csv"), ["step", "seconds", "loss", "lr"])
     gen = torch.Generator().manual_seed(args.seed + 1)
     # channels-last convolutions: 703 vs 752 ms per fwd+bwd+AdamW step of batch 32 with oneDNN on this
@@ -502,6 +505,9 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
         opt.step()
         ema_unet.update(unet)
         ema_text.update(text_encoder)
+        for v_unet, v_text in variants.values():
+            v_unet.update(unet)
+            v_text.update(text_encoder)
         mse = float(per.mean())
         smooth = mse if smooth is None else 0.98 * smooth + 0.02 * mse
         if step % 10 == 0 or step == args.unet_steps - 1:
@@ -511,11 +517,32 @@ def train_unet(args, vae, unet, text_encoder, tokenizer, log_dir):
                   f"{time.time() - start:.0f}s", flush=True)
     stream.close()
     unet.to(memory_format=torch.contiguous_format)  # safetensors stores dense row-major tensors
+    if args.ema_variants:
+        save_variants(args, unet, text_encoder, variants)
     ema_unet.copy_to(unet)
     ema_text.copy_to(text_encoder)
     unet.eval()
     text_encoder.eval()
     return time.time() - start, pool_s
+
+
+def save_variants(args, unet, text_encoder, variants):
+    """Called with the raw weights in place; the caller then loads the shipped average.
+
+    `--ema-variants`: each listed average's UNet and text encoder under <logs>/variants/ema-<decay>/
+    (0: the raw weights), to be judged against the shipped --ema. Put one in a copy of the output
+    pipeline together with variants/vae-before-refine and run `--only refine` on it: the result is
+    what a run with `--ema <decay>` would have shipped (the refine stage has its own seeded data)."""
+    root = os.path.join(args.logs, "variants")
+    if 0.0 in args.ema_variants:
+        unet.save_pretrained(os.path.join(root, "ema-0", "unet"), safe_serialization=True)
+        text_encoder.save_pretrained(os.path.join(root, "ema-0", "text_encoder"), safe_serialization=True)
+    for decay, (v_unet, v_text) in variants.items():  # overwrites the raw weights (saved above)
+        v_unet.copy_to(unet)
+        v_text.copy_to(text_encoder)
+        unet.save_pretrained(os.path.join(root, f"ema-{decay:g}", "unet"), safe_serialization=True)
+        text_encoder.save_pretrained(os.path.join(root, f"ema-{decay:g}", "text_encoder"), safe_serialization=True)
+    print(f"saved weight averages {sorted(args.ema_variants)} under {root}", flush=True)
 
 
 def bench(args):
@@ -640,7 +667,11 @@ def main():
     ap.add_argument("--input-perturbation", type=float, default=0.0,
                     help="std of extra noise in the UNet's input only (Ning et al. 2023); 0.1 scored "
                          "lower than 0 in one end-to-end run, so it is off")
-    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped UNet and text encoder")
+    ap.add_argument("--ema-variants", type=lambda v: [float(d) for d in v.split(",")], default=[],
+                    metavar="D,D,...",
+                    help="also keep these EMA decays (0: the raw weights) and save them under "
+                         "<logs>/variants/ to choose --ema; the shipped weights are unchanged")
     ap.add_argument("--uncond", type=float, default=0.1, help="caption dropout rate")
     ap.add_argument("--device", default="cpu", help="cpu (the budgeted run) or cuda (recipe trials)")
     ap.add_argument("--sample-captions", metavar="DIR",
@@ -673,6 +704,7 @@ def main():
         args.pool = min(args.pool, 8)
         args.object_weight = 1.0
         args.input_perturbation = args.input_perturbation or 0.1
+        args.ema_variants = args.ema_variants or [0.0, 0.9]
     from transformers import CLIPTextConfig, CLIPTextModel
 
     total_start = time.time()
@@ -716,6 +748,8 @@ def main():
     for p in vae.parameters():
         p.requires_grad_(False)
     stream.close()
+    if args.ema_variants:  # the decoder the refine stage starts from, to refine a variant alike
+        vae.save_pretrained(os.path.join(args.logs, "variants", "vae-before-refine"), safe_serialization=True)
     unet_s, pool_s = train_unet(args, vae, unet, text_encoder, tokenizer, args.logs)
     refine_s = 0.0
     if args.refine_steps:
@@ -725,7 +759,7 @@ def main():
     summary = dict(
         seed=args.seed, device=args.device, threads=args.threads, tiny=args.tiny, vae_steps=args.vae_steps,
         vae_batch=args.vae_batch, unet_steps=args.unet_steps, batch=args.batch, lr=args.lr, compile=args.compile,
-        input_perturbation=args.input_perturbation,
+        input_perturbation=args.input_perturbation, ema=args.ema, ema_variants=args.ema_variants,
         vae_seconds=round(vae_s, 1), decoder_steps=args.decoder_steps, decoder_seconds=round(decoder_s, 1),
         robust_steps=args.robust_steps, robust_noise=args.robust_noise, robust_seconds=round(robust_s, 1),
         **refine_summary(args, refine_s), unet_seconds=round(unet_s, 1), pool=args.pool, pool_seconds=round(pool_s, 1),
