@@ -537,14 +537,12 @@ def save_variants(args, unet, text_encoder, variants):
     pipeline together with variants/vae-before-refine and run `--only refine` on it: the result is
     what a run with `--ema <decay>` would have shipped (the refine stage has its own seeded data)."""
     root = os.path.join(args.logs, "variants")
-    if 0.0 in args.ema_variants:
-        unet.save_pretrained(os.path.join(root, "ema-0", "unet"), safe_serialization=True)
-        text_encoder.save_pretrained(os.path.join(root, "ema-0", "text_encoder"), safe_serialization=True)
-    for decay, (v_unet, v_text) in variants.items():  # overwrites the raw weights (saved above)
-        v_unet.copy_to(unet)
-        v_text.copy_to(text_encoder)
-        unet.save_pretrained(os.path.join(root, f"ema-{decay:g}", "unet"), safe_serialization=True)
-        text_encoder.save_pretrained(os.path.join(root, f"ema-{decay:g}", "text_encoder"), safe_serialization=True)
+    for decay in sorted(args.ema_variants):  # 0 first: the raw weights, before an average overwrites them
+        if decay > 0:
+            for average, module in zip(variants[decay], (unet, text_encoder)):
+                average.copy_to(module)
+        for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+            module.save_pretrained(os.path.join(root, f"ema-{decay:g}", name), safe_serialization=True)
     print(f"saved weight averages {sorted(args.ema_variants)} under {root}", flush=True)
 
 
