@@ -626,6 +626,17 @@ def save_pipeline(args, vae, unet, text_encoder, tokenizer):
         os.remove(tj)
 
 
+def ema_decays(text):
+    """`--ema-variants`: comma-separated decays in [0, 1)."""
+    try:
+        decays = [float(d) for d in text.split(",")]
+    except ValueError:
+        decays = None
+    if not decays or any(not 0.0 <= d < 1.0 for d in decays):
+        raise argparse.ArgumentTypeError(f"expected decays in [0, 1) separated by commas, e.g. 0,0.995; got '{text}'")
+    return decays
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "models", "shapes"))
@@ -669,7 +680,7 @@ def main():
                     help="std of extra noise in the UNet's input only (Ning et al. 2023); 0.1 scored "
                          "lower than 0 in one end-to-end run, so it is off")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped UNet and text encoder")
-    ap.add_argument("--ema-variants", type=lambda v: [float(d) for d in v.split(",")], default=[],
+    ap.add_argument("--ema-variants", type=ema_decays, default=[],
                     metavar="D,D,...",
                     help="also keep these EMA decays (0: the raw weights) and save them under "
                          "<logs>/variants/ to choose --ema; the shipped weights are unchanged")
