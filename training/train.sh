@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the shapes-world default model (models/shapes) from scratch, or a tiny smoke-test version.
 #
-#   training/train.sh                           # full model into models/shapes, logs in docs/training (~56-58 min, 2 cores)
+#   training/train.sh                           # full model into models/shapes, logs in docs/training (~46 min on 2 AVX-512 cores)
 #   training/train.sh --tiny --out DIR --logs DIR   # a few steps of tiny networks (what CI runs)
 #   training/train.sh --bench                   # one training step's cost (compare `cargo bench --bench train_step`)
 #
