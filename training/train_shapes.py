@@ -343,14 +343,16 @@ def denoise_back(unet, sched, latents, ctx, uncond, t_start, noise, guidance, k=
     return x0
 
 
-def refine_passes(args, vae, unet, text_encoder, tokenizer, log_dir):
-    """One refine pass per `--refine-clean` share, in order; returns their seconds in all.
+def refine_passes(args, vae, unet, text_encoder, tokenizer, log_dir, prefix="refine"):
+    """One refine pass per `--refine-clean` share, in order; returns their seconds in all. Pass i
+    logs to `<prefix><i>_decoder_loss.csv` (no number for the first), so `--only refine`, with its
+    own prefix, keeps the logs of the run it continues.
 
     The second pass (more exact latents) gives back the round trip the first one costs: on the
     shipped run it took the judged reconstructions from 92.0 % to 95.2 % (README)."""
     seconds = 0.0
     for i, clean in enumerate(args.refine_clean):
-        name = "refine" if i == 0 else f"refine{i + 1}"
+        name = prefix if i == 0 else f"{prefix}{i + 1}"
         seconds += train_decoder_on_samples(args, vae, unet, text_encoder, tokenizer, log_dir, clean, name)
     return seconds
 
@@ -830,7 +832,7 @@ def decoder_stage_only(args):
         update = dict(robust_steps=args.robust_steps, robust_noise=args.robust_noise, robust_seconds=round(seconds, 1))
     else:
         seconds = refine_passes(args, vae, pipe.unet.to(args.device), pipe.text_encoder.to(args.device),
-                                pipe.tokenizer, args.logs)
+                                pipe.tokenizer, args.logs, prefix="refine-only")
         update = refine_summary(args, seconds)
     mae, _ = vae_holdout(vae, args.tiller, 256, args.device)
     print(f"vae held-out MAE after the {args.only} decoder stage {mae:.4f}", flush=True)
