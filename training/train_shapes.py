@@ -71,8 +71,8 @@ SCHEDULER = dict(
 )
 
 
-def load_json(name):
-    with open(os.path.join(HERE, name)) as f:
+def load_json(path):
+    with open(path) as f:
         cfg = json.load(f)
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
@@ -201,8 +201,8 @@ def build_models(args):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vae_cfg = load_json("vae_config.json")
-    unet_cfg = load_json(os.path.abspath(args.unet_config))
+    vae_cfg = load_json(os.path.join(HERE, "vae_config.json"))
+    unet_cfg = load_json(args.unet_config)
     text_cfg = dict(TEXT_CONFIG)
     if args.tiny:
         vae_cfg.update(TINY["vae"])
@@ -640,26 +640,24 @@ def save_pipeline(args, vae, unet, text_encoder, tokenizer):
         os.remove(tj)
 
 
-def shares(text):
-    """`--refine-clean`: comma-separated shares in [0, 1], one refine pass each."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = None
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected shares in [0, 1] separated by commas, e.g. 0.6,0.9; got '{text}'")
-    return values
+def comma_floats(what, interval, inside, example):
+    """An argparse type for a comma-separated list of numbers that `inside` accepts; a bad list
+    is an error naming the option, before any training."""
+    def parse(text):
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            values = None
+        if not values or not all(inside(v) for v in values):
+            raise argparse.ArgumentTypeError(
+                f"expected {what} in {interval} separated by commas, e.g. {example}; got '{text}'")
+        return values
+    return parse
 
 
-def ema_decays(text):
-    """`--ema-variants`: comma-separated decays in [0, 1)."""
-    try:
-        decays = [float(d) for d in text.split(",")]
-    except ValueError:
-        decays = None
-    if not decays or any(not 0.0 <= d < 1.0 for d in decays):
-        raise argparse.ArgumentTypeError(f"expected decays in [0, 1) separated by commas, e.g. 0,0.995; got '{text}'")
-    return decays
+# `--refine-clean`: one refine pass per share; `--ema-variants`: extra averages (0 = raw weights)
+shares = comma_floats("shares", "[0, 1]", lambda v: 0.0 <= v <= 1.0, "0.6,0.9")
+ema_decays = comma_floats("decays", "[0, 1)", lambda v: 0.0 <= v < 1.0, "0,0.995")
 
 
 def main():
