@@ -202,7 +202,7 @@ def build_models(args):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vae_cfg = load_json(os.path.join(HERE, "vae_config.json"))
-    unet_cfg = load_json(args.unet_config)
+    unet_cfg = dict(args.unet_config)
     text_cfg = dict(TEXT_CONFIG)
     if args.tiny:
         vae_cfg.update(TINY["vae"])
@@ -563,25 +563,32 @@ def save_variants(args, unet, text_encoder, variants):
 def bench(args):
     """Time one training step of the real configs at the batch sizes of benches/train_step.rs, then
     the UNet step as the UNet stage runs it (channels-last, fused AdamW, and with `--compile`
-    torch.compile), as ratios to the plain step measured in the same run."""
+    torch.compile), as ratios to the plain step measured in the same run. Then that step at batch
+    64 and for each `--bench-unets` config, as ratios to the UNet stage's step at batch 32: the
+    relative cost of a recipe."""
     import copy
 
+    from diffusers import UNet2DConditionModel
+
     vae, unet, _ = build_models(args)
-    x = torch.randn(32, 4, 16, 16)
-    ctx = torch.randn(32, 16, 128)
-    target = torch.randn(32, 4, 16, 16)
-    t = torch.full((32,), 500)
+    width = unet.config.cross_attention_dim
+
+    def data(batch):
+        return (torch.randn(batch, 4, 16, 16), torch.full((batch,), 500), torch.randn(batch, 16, width),
+                torch.randn(batch, 4, 16, 16))
+    x, t, ctx, _ = data(32)
 
     def unet_fwd():
         with torch.no_grad():
             unet(x, t, ctx)
 
-    def unet_step_fn(net, forward, fused, memory_format):
+    def unet_step_fn(net, forward, fused, memory_format, batch=32):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused)
-        xin = x.contiguous(memory_format=memory_format)
+        xin, tb, cb, target = data(batch)
+        xin = xin.contiguous(memory_format=memory_format)
 
         def step():
-            loss = F.mse_loss(forward(xin, t, ctx).sample, target)
+            loss = F.mse_loss(forward(xin, tb, cb).sample, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -607,8 +614,15 @@ def bench(args):
         compiled = copy.deepcopy(shipped)
         rows.append(("unet step, as above + torch.compile", 32,
                      unet_step_fn(compiled, torch.compile(compiled), True, torch.channels_last)))
-    plain = None
-    for label, batch, f in rows:
+    recipes = [("unet step, channels-last + fused adamw", 64, shipped)]
+    for name, cfg in args.bench_unets:
+        net = UNet2DConditionModel(**dict(cfg, cross_attention_dim=width))
+        recipes.append((name, 32, net.to(memory_format=torch.channels_last)))
+    first_recipe = len(rows)
+    for label, batch, net in recipes:
+        rows.append((label, batch, unet_step_fn(net, net, True, torch.channels_last, batch)))
+    plain = stage = None
+    for i, (label, batch, f) in enumerate(rows):
         t0 = time.time()
         f()  # warm-up; for the compiled step this is the compile
         first = time.time() - t0
@@ -618,7 +632,12 @@ def bench(args):
         ms = (time.time() - t0) * 1e3 / args.bench_reps
         if label == "unet forward+backward+adamw":
             plain = ms
-        ratio = f"  {ms / plain:.2f}x the plain unet step" if plain and label.startswith("unet step") else ""
+        if label == "unet step, channels-last + fused adamw" and batch == 32:
+            stage = ms
+        if i >= first_recipe:
+            ratio = f"  {ms / stage:.2f}x the batch-32 step above"
+        else:
+            ratio = f"  {ms / plain:.2f}x the plain unet step" if plain and label.startswith("unet step") else ""
         extra = f"  (first call {first:.0f} s)" if first > 5 else ""
         print(f"{label:<40} batch {batch:>3}: {ms:>9.1f} ms/step {ms / batch:>7.2f} ms/sample{ratio}{extra}",
               flush=True)
@@ -638,6 +657,19 @@ def save_pipeline(args, vae, unet, text_encoder, tokenizer):
     tj = os.path.join(args.out, "tokenizer", "tokenizer.json")
     if os.path.exists(tj):
         os.remove(tj)
+
+
+def config_file(path):
+    """An argparse type: a JSON config file, read (a missing or malformed file names the option)."""
+    try:
+        return load_json(path)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read the config '{path}': {e}")
+
+
+def config_files(text):
+    """`--bench-unets`: comma-separated JSON config files, as (file name, config) pairs."""
+    return [(os.path.basename(path), config_file(path)) for path in text.split(",")]
 
 
 def comma_floats(what, interval, inside, example):
@@ -690,7 +722,7 @@ def main():
     ap.add_argument("--only", choices=["robust", "refine"],
                     help="only this decoder stage, on the pipeline already at --out (the UNet does not "
                          "depend on it: the encoder is frozen); updates summary.json")
-    ap.add_argument("--unet-config", default=os.path.join(HERE, "unet_config.json"), metavar="FILE",
+    ap.add_argument("--unet-config", type=config_file, default=os.path.join(HERE, "unet_config.json"), metavar="FILE",
                     help="UNet2DConditionModel config (architecture trials; cross_attention_dim follows the text encoder)")
     # Batch 64 for 4,000 steps: at 4,350 x 64 a GPU trial scored 0.66 against 0.40 for the earlier
     # 2,900 x 32, where twice the steps at batch 32 (run M) reached only 0.46 (README).
@@ -722,6 +754,9 @@ def main():
     ap.add_argument("--bench", action="store_true", help="time one training step and exit")
     ap.add_argument("--guidance", type=float, default=7.5, help="CFG scale for --sample-captions")
     ap.add_argument("--bench-reps", type=int, default=3)
+    ap.add_argument("--bench-unets", type=config_files, default=[],
+                    metavar="FILE,FILE,...",
+                    help="--bench: also time these UNet configs' step (training/trials/*.json), as ratios")
     args = ap.parse_args()
 
     if args.compile is None:
