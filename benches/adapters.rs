@@ -341,12 +341,12 @@ fn tensor_bytes(t: &Tensor) -> usize {
 fn step_times(unets: &[&UNet2DConditionModel], x: &Tensor, ctx: &Tensor, reps: usize) -> Vec<(f64, f64)> {
     let mut times = vec![Vec::with_capacity(reps); unets.len()];
     for u in unets {
-        u.forward(x, 500.0, ctx, None).unwrap();
+        u.forward(x, &tiller::models::timesteps(500.0, x.dim(0).unwrap(), x.device()).unwrap(), ctx, None).unwrap();
     }
     for _ in 0..reps {
         for (i, u) in unets.iter().enumerate() {
             let s = Instant::now();
-            u.forward(x, 500.0, ctx, None).unwrap();
+            u.forward(x, &tiller::models::timesteps(500.0, x.dim(0).unwrap(), x.device()).unwrap(), ctx, None).unwrap();
             times[i].push(ms_since(s));
         }
     }

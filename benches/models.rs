@@ -90,7 +90,13 @@ fn bench_case(c: &Case, reps: usize) -> serde_json::Value {
         let ctx = randn(&[batch, c.context_len, ctx_dim], 4);
         let tc = tcond.as_ref().map(|t| t.narrow(0, 0, batch).unwrap());
         let ms = median_ms(reps, || {
-            unet.forward(&x, 500.0, &ctx, tc.as_ref()).unwrap();
+            unet.forward(
+                &x,
+                &tiller::models::timesteps(500.0, x.dim(0).unwrap(), x.device()).unwrap(),
+                &ctx,
+                tc.as_ref(),
+            )
+            .unwrap();
         });
         out.insert(format!("unet_step_b{batch}_ms"), json!(ms));
     }

@@ -46,10 +46,13 @@ fn main() {
     let ctx = randn(&[b, 16, 128], 2);
     let target = randn(&[b, 4, 16, 16], 3);
     time_steps("unet forward", b, reps, || {
-        unet.forward(&x, 500.0, &ctx, None).unwrap();
+        unet.forward(&x, &tiller::models::timesteps(500.0, x.dim(0).unwrap(), x.device()).unwrap(), &ctx, None)
+            .unwrap();
     });
     time_steps("unet forward+backward+adamw", b, reps, || {
-        let y = unet.forward(&x, 500.0, &ctx, None).unwrap();
+        let y = unet
+            .forward(&x, &tiller::models::timesteps(500.0, x.dim(0).unwrap(), x.device()).unwrap(), &ctx, None)
+            .unwrap();
         let loss = (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
         opt.backward_step(&loss).unwrap();
     });

@@ -30,6 +30,24 @@ pub struct Config {
     /// (see [`crate::reward::RewardConfig`]). Not overridable from the environment.
     pub rewards: std::collections::BTreeMap<String, crate::reward::RewardConfig>,
     pub adapters: AdaptersConfig,
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: asynchronous jobs (`POST /v1/jobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Seconds a finished job (its status, result and events) stays readable; then 404.
+    pub ttl_secs: u64,
+    /// Jobs kept at once, finished or not; a submission beyond it first drops the oldest
+    /// finished job, and is refused (429) if every kept job is still unfinished.
+    pub max_jobs: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self { ttl_secs: 3600, max_jobs: 10_000 }
+    }
 }
 
 /// `[adapters]`: LoRA adapters and the cache of adapted model variants.
@@ -117,11 +135,14 @@ impl Default for ModelsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    pub max_width: usize,
-    pub max_height: usize,
-    /// Upper bound on `width * height`.
-    pub max_pixels: usize,
-    /// Images per request.
+    /// Largest image width; unset = twice the model's native width (so a 64×64 model does not
+    /// accept 1024×1024 unless configured to).
+    pub max_width: Option<usize>,
+    /// Largest image height; unset = twice the model's native height.
+    pub max_height: Option<usize>,
+    /// Upper bound on `width * height`; unset = four times the model's native pixel count.
+    pub max_pixels: Option<usize>,
+    /// Images per request (OpenAI allows 10).
     pub max_n: usize,
     pub max_steps: usize,
     /// Prompt and negative prompt length in characters (Unicode scalar values).
@@ -138,15 +159,41 @@ pub struct Limits {
     pub max_particles: usize,
     /// Steering: ReNO iterations per request.
     pub max_reno_iterations: usize,
+    /// Peak memory the running jobs may use together, by their estimates, in MiB; a request
+    /// that would need more on its own is refused (422). Unset = half the machine's memory.
+    pub memory_budget_mib: Option<u64>,
+    /// Jobs that run at once; their denoiser calls share batched forwards.
+    pub max_running_jobs: usize,
+    /// Most denoiser rows (latents, counting each CFG branch) in one batched forward.
+    pub max_batch_rows: usize,
+    /// How long a batch waits for running jobs that are busy decoding or scoring, ms.
+    pub batch_wait_ms: u64,
+    /// On SIGTERM: how long running and queued jobs may take to finish before they are
+    /// cancelled (a second signal cancels them at once).
+    pub shutdown_grace_secs: u64,
+}
+
+impl Limits {
+    /// The size limits for a model whose native size is `native` (height, width): the configured
+    /// ones, else twice the native sides and four times its pixels.
+    pub fn size_limits(&self, native: (usize, usize)) -> (usize, usize, usize) {
+        let (h, w) = native;
+        (self.max_width.unwrap_or(2 * w), self.max_height.unwrap_or(2 * h), self.max_pixels.unwrap_or(4 * w * h))
+    }
+
+    /// The memory budget in bytes.
+    pub fn memory_budget_bytes(&self) -> u64 {
+        self.memory_budget_mib.map(|m| m << 20).unwrap_or_else(crate::engine::default_memory_budget)
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_width: 1024,
-            max_height: 1024,
-            max_pixels: 1024 * 1024,
-            max_n: 4,
+            max_width: None,
+            max_height: None,
+            max_pixels: None,
+            max_n: 10,
             max_steps: 150,
             max_prompt_chars: 4000,
             max_body_bytes: 8 * 1024 * 1024,
@@ -154,6 +201,11 @@ impl Default for Limits {
             request_timeout_secs: 300,
             max_particles: 64,
             max_reno_iterations: 200,
+            memory_budget_mib: None,
+            max_running_jobs: 16,
+            max_batch_rows: 16,
+            batch_wait_ms: 5,
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -346,25 +398,42 @@ impl Config {
             self.models.dtype = parse("TILLER_DTYPE", &v)?;
         }
         let l = &mut self.limits;
-        let usize_vars: [(&str, &mut usize); 10] = [
+        let optional_vars: [(&str, &mut Option<usize>); 3] = [
             ("TILLER_MAX_WIDTH", &mut l.max_width),
             ("TILLER_MAX_HEIGHT", &mut l.max_height),
             ("TILLER_MAX_PIXELS", &mut l.max_pixels),
+        ];
+        for (var, slot) in optional_vars {
+            if let Some(v) = nonempty(var) {
+                *slot = Some(parse(var, &v)?);
+            }
+        }
+        if let Some(v) = nonempty("TILLER_MEMORY_BUDGET_MIB") {
+            l.memory_budget_mib = Some(parse("TILLER_MEMORY_BUDGET_MIB", &v)?);
+        }
+        let usize_vars: [(&str, &mut usize); 8] = [
             ("TILLER_MAX_N", &mut l.max_n),
+            ("TILLER_MAX_RUNNING_JOBS", &mut l.max_running_jobs),
+            ("TILLER_MAX_BATCH_ROWS", &mut l.max_batch_rows),
             ("TILLER_MAX_STEPS", &mut l.max_steps),
             ("TILLER_MAX_PROMPT_CHARS", &mut l.max_prompt_chars),
             ("TILLER_MAX_BODY_BYTES", &mut l.max_body_bytes),
             ("TILLER_QUEUE_DEPTH", &mut l.queue_depth),
             ("TILLER_MAX_PARTICLES", &mut l.max_particles),
-            ("TILLER_MAX_RENO_ITERATIONS", &mut l.max_reno_iterations),
         ];
         for (var, slot) in usize_vars {
             if let Some(v) = nonempty(var) {
                 *slot = parse(var, &v)?;
             }
         }
+        if let Some(v) = nonempty("TILLER_MAX_RENO_ITERATIONS") {
+            l.max_reno_iterations = parse("TILLER_MAX_RENO_ITERATIONS", &v)?;
+        }
         if let Some(v) = nonempty("TILLER_REQUEST_TIMEOUT_SECS") {
             l.request_timeout_secs = parse("TILLER_REQUEST_TIMEOUT_SECS", &v)?;
+        }
+        if let Some(v) = nonempty("TILLER_SHUTDOWN_GRACE_SECS") {
+            l.shutdown_grace_secs = parse("TILLER_SHUTDOWN_GRACE_SECS", &v)?;
         }
         Ok(())
     }
@@ -375,9 +444,12 @@ impl Config {
         crate::reward::registry::check_configs(&self.rewards)?;
         let l = &self.limits;
         let positive = [
-            ("limits.max_width", l.max_width),
-            ("limits.max_height", l.max_height),
-            ("limits.max_pixels", l.max_pixels),
+            ("limits.max_width", l.max_width.unwrap_or(1)),
+            ("limits.max_height", l.max_height.unwrap_or(1)),
+            ("limits.max_pixels", l.max_pixels.unwrap_or(1)),
+            ("limits.memory_budget_mib", l.memory_budget_mib.unwrap_or(1) as usize),
+            ("limits.max_running_jobs", l.max_running_jobs),
+            ("limits.max_batch_rows", l.max_batch_rows),
             ("limits.max_n", l.max_n),
             ("limits.max_steps", l.max_steps),
             ("limits.max_body_bytes", l.max_body_bytes),
@@ -426,6 +498,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TILLER_REQUEST_TIMEOUT_SECS", "limits.request_timeout_secs"),
     ("TILLER_MAX_PARTICLES", "limits.max_particles"),
     ("TILLER_MAX_RENO_ITERATIONS", "limits.max_reno_iterations"),
+    ("TILLER_MEMORY_BUDGET_MIB", "limits.memory_budget_mib"),
+    ("TILLER_MAX_RUNNING_JOBS", "limits.max_running_jobs"),
+    ("TILLER_MAX_BATCH_ROWS", "limits.max_batch_rows"),
+    ("TILLER_SHUTDOWN_GRACE_SECS", "limits.shutdown_grace_secs"),
 ];
 
 #[cfg(test)]

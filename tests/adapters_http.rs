@@ -174,8 +174,14 @@ async fn register_list_conflict_delete() {
         let (st, resp) = register(&s, body.clone()).await;
         assert_error(st, &resp, 422, Some(param));
     }
-    let (st, _) = send(&s, s.client.post(format!("{}/v1/adapters", s.url)).body("{nope")).await;
+    let (st, _) = send(
+        &s,
+        s.client.post(format!("{}/v1/adapters", s.url)).header("content-type", "application/json").body("{nope"),
+    )
+    .await;
     assert_eq!(st, 400);
+    let (st, _) = send(&s, s.client.post(format!("{}/v1/adapters", s.url)).body(r#"{"path": "a.safetensors"}"#)).await;
+    assert_eq!(st, 415, "a body not declared JSON");
     let (st, _) = send(&s, s.client.put(format!("{}/v1/adapters", s.url))).await;
     assert_eq!(st, 405);
 

@@ -50,8 +50,24 @@ fn run(model: &StableDiffusion, r: &HashMap<String, Tensor>) -> Outputs {
     let ids = r["input_ids"].to_dtype(DType::U32).unwrap();
     let text = model.text_encoder().forward(&ids, 0).unwrap().hidden_states;
     let latent = &r["latent"];
-    let unet = model.unet().forward(latent, 500.0, &r["text_hidden_base"], None).unwrap();
-    let e2e = model.unet().forward(latent, 500.0, &text, None).unwrap();
+    let unet = model
+        .unet()
+        .forward(
+            latent,
+            &tiller::models::timesteps(500.0, latent.dim(0).unwrap(), latent.device()).unwrap(),
+            &r["text_hidden_base"],
+            None,
+        )
+        .unwrap();
+    let e2e = model
+        .unet()
+        .forward(
+            latent,
+            &tiller::models::timesteps(500.0, latent.dim(0).unwrap(), latent.device()).unwrap(),
+            &text,
+            None,
+        )
+        .unwrap();
     Outputs { text, unet, e2e }
 }
 

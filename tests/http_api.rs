@@ -111,9 +111,9 @@ async fn every_invalid_field_is_a_4xx_naming_it() {
     cfg.limits.max_n = 3;
     cfg.limits.max_steps = 20;
     cfg.limits.max_prompt_chars = 10;
-    cfg.limits.max_width = 128;
-    cfg.limits.max_height = 128;
-    cfg.limits.max_pixels = 128 * 64;
+    cfg.limits.max_width = Some(128);
+    cfg.limits.max_height = Some(128);
+    cfg.limits.max_pixels = Some(128 * 64);
     let s = mock_server(Duration::ZERO, cfg).await;
     let cases: Vec<(serde_json::Value, u16, &str)> = vec![
         (json!({}), 422, "prompt"),
@@ -190,8 +190,12 @@ async fn malformed_bodies_get_json_errors() {
     assert_eq!(body["error"]["code"], "invalid_json");
     let (st, body) = send(b"[1, 2]".to_vec(), "application/json").await;
     assert_error(st, &body, 422, None);
-    // Content type is not required (curl -d sends form encoding).
+    // The body must be declared JSON: curl's -d default (form encoding) is 415, naming the fix.
     let (st, body) = send(br#"{"prompt": "p", "steps": 1}"#.to_vec(), "application/x-www-form-urlencoded").await;
+    assert_error(st, &body, 415, None);
+    assert!(body["error"]["message"].as_str().unwrap().contains("application/json"));
+    let (st, body) =
+        send(br#"{"prompt": "p", "steps": 1, "size": "16x16"}"#.to_vec(), "application/json; charset=utf-8").await;
     assert_eq!(st, 200, "{body}");
     let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2000));
     let (st, body) = send(big.into_bytes(), "application/json").await;
@@ -244,6 +248,8 @@ async fn models_list_has_openai_shape() {
 async fn queue_full_is_429_with_retry_after() {
     let mut cfg = config();
     cfg.limits.queue_depth = 1;
+    // One job runs at a time, so the second one queues.
+    cfg.limits.max_running_jobs = 1;
     // 30 steps x 50 ms = 1.5 s per job.
     let s = mock_server(Duration::from_millis(50), cfg).await;
     let slow = json!({"prompt": "p", "steps": 30, "guidance_scale": 1.0, "size": "16x16"});
@@ -306,7 +312,9 @@ async fn client_disconnect_cancels_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_job_of_a_gone_client_is_skipped() {
-    let s = mock_server(Duration::from_millis(20), config()).await;
+    let mut cfg = config();
+    cfg.limits.max_running_jobs = 1;
+    let s = mock_server(Duration::from_millis(20), cfg).await;
     let c = s.client.clone();
     let url = format!("{}/v1/images/generations", s.url);
     let blocker = {
@@ -369,7 +377,10 @@ async fn health_and_readiness_follow_loading() {
     assert_eq!(body, json!({"status": "ok", "models": ["mock"]}));
 
     // A failed load is reported and never ready.
-    let engine = Engine::start(Box::new(|| Err("unet/config.json: missing".into())), EngineOptions::default());
+    let engine = Engine::start(
+        Box::new(|| Err::<Vec<LoadedModel>, String>("unet/config.json: missing".into())),
+        EngineOptions::default(),
+    );
     let s = start(engine, &config()).await;
     wait_for(|| s.engine().state() != tiller::engine::EngineState::Loading).await;
     let r = s.get("/ready").await;
@@ -402,6 +413,11 @@ async fn metrics_expose_requests_jobs_and_queue() {
         "tiller_jobs_in_flight ",
         "tiller_images_generated_total{model=\"mock\"}",
         "tiller_models_loaded ",
+        // The engine: rows per batched forward, tick latency, queued work, work per job.
+        "tiller_batch_rows_bucket",
+        "tiller_tick_seconds_bucket",
+        "tiller_queued_cost ",
+        "tiller_job_denoiser_evaluations_bucket",
     ] {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }

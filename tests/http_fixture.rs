@@ -25,7 +25,7 @@ async fn fixture_server(names: &[&str]) -> TestServer {
                     .map(|m| LoadedModel::new(n.clone(), m))
                     .map_err(|e| e.to_string())
                 })
-                .collect()
+                .collect::<Result<Vec<_>, String>>()
         }),
         EngineOptions { queue_depth: 4, default_model: Some("sd15-tiny".into()), ..Default::default() },
     );

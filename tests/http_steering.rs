@@ -29,7 +29,7 @@ async fn server_with(dirs: Vec<(String, PathBuf)>, config: Config) -> TestServer
                         .map(|m| LoadedModel::new(name.clone(), m))
                         .map_err(|e| e.to_string())
                 })
-                .collect()
+                .collect::<Result<Vec<_>, String>>()
         }),
         EngineOptions { queue_depth: 4, default_model: Some(default), ..Default::default() },
     );

@@ -1,28 +1,18 @@
 //! Loading model directories: published layouts load unchanged (single, sharded and variant
 //! weight files), and every broken file gives an error naming the file and the problem.
 
+mod http_support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use http_support::copy_dir;
 use tiller::models::loader::{discover_models, load_model};
 use tiller::models::{DiffusionModel, PromptEmbedding};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
 }
 
 fn unet_output(model: &dyn DiffusionModel) -> Tensor {
@@ -32,7 +22,8 @@ fn unet_output(model: &dyn DiffusionModel) -> Tensor {
     )
     .unwrap();
     let ctx = PromptEmbedding { hidden_states: refs["encoder_hidden_states"].clone(), pooled: None, truncated: vec![] };
-    model.predict(&refs["sample"], 751.0, &ctx, None).unwrap()
+    let ts = tiller::models::timesteps(751.0, refs["sample"].dim(0).unwrap(), &Device::Cpu).unwrap();
+    model.predict(&refs["sample"], &ts, &ctx, None).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -80,10 +80,27 @@ fn unet_matches_diffusers() {
             assert_close(&format!("{m} guidance embedding"), &got, want);
         }
         for (name, ts) in json["timesteps"].as_object().unwrap() {
-            let out = model.predict(&t["sample"], ts.as_f64().unwrap(), &ctx, tcond.as_ref()).unwrap();
+            let out =
+                model.predict(&t["sample"], &at(ts.as_f64().unwrap(), &t["sample"]), &ctx, tcond.as_ref()).unwrap();
             assert_close(&format!("{m} unet {name}"), &out, &t[name.as_str()]);
         }
+        // One forward whose rows sit at different timesteps (as when the engine batches rows of
+        // different requests) gives each row diffusers' output at its own timestep.
+        let named: Vec<(&String, f64)> =
+            json["timesteps"].as_object().unwrap().iter().map(|(n, v)| (n, v.as_f64().unwrap())).collect();
+        let b = t["sample"].dim(0).unwrap();
+        let row_t: Vec<f32> = (0..b).map(|i| named[i % named.len()].1 as f32).collect();
+        let ts = Tensor::from_vec(row_t, b, &Device::Cpu).unwrap();
+        let mixed = model.predict(&t["sample"], &ts, &ctx, tcond.as_ref()).unwrap();
+        for i in 0..b {
+            let want = t[named[i % named.len()].0.as_str()].narrow(0, i, 1).unwrap();
+            assert_close(&format!("{m} unet row {i}, mixed timesteps"), &mixed.narrow(0, i, 1).unwrap(), &want);
+        }
     }
+}
+
+fn at(t: f64, sample: &Tensor) -> Tensor {
+    tiller::models::timesteps(t, sample.dim(0).unwrap(), sample.device()).unwrap()
 }
 
 #[test]
@@ -91,7 +108,7 @@ fn fp16_variant_weights_load() {
     let model = load_model("sd15-tiny", Some("fp16"));
     let (t, _) = refs("unet_sd15-tiny");
     let ctx = PromptEmbedding { hidden_states: t["encoder_hidden_states"].clone(), pooled: None, truncated: vec![] };
-    let out = model.predict(&t["sample"], 751.0, &ctx, None).unwrap();
+    let out = model.predict(&t["sample"], &at(751.0, &t["sample"]), &ctx, None).unwrap();
     assert_close("sd15-tiny unet fp16-variant weights", &out, &t["out_t751_fp16w"]);
 }
 
@@ -214,7 +231,7 @@ fn composed_ops_match_diffusers_too() {
     let (v, _) = refs("vae_sd2-tiny");
     let ctx = PromptEmbedding { hidden_states: t["encoder_hidden_states"].clone(), pooled: None, truncated: vec![] };
     tiller::models::nn::set_fused_ops(false);
-    let out = model.predict(&t["sample"], 751.0, &ctx, None);
+    let out = model.predict(&t["sample"], &at(751.0, &t["sample"]), &ctx, None);
     let decoded = model.vae().decode(&v["z"]);
     tiller::models::nn::set_fused_ops(true);
     assert_close("sd2-tiny unet, composed ops", &out.unwrap(), &t["out_t751"]);

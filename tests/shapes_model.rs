@@ -155,7 +155,7 @@ async fn serve_defaults_to_the_shapes_model() {
                         .map(|m| LoadedModel::new(name.clone(), m))
                         .map_err(|e| e.to_string())
                 })
-                .collect()
+                .collect::<Result<Vec<_>, String>>()
         }),
         EngineOptions { queue_depth: 4, default_model: None, ..Default::default() },
     );

@@ -164,6 +164,9 @@ pub async fn register_adapter(State(state): State<AppState>, body: Result<Bytes,
     }
 }
 
+/// Largest `POST /v1/adapters` body: it names a file, it does not carry one.
+pub const ADAPTER_BODY_LIMIT: usize = 64 * 1024;
+
 /// Parse a `POST /v1/adapters` body; errors name the field.
 pub fn parse_register(bytes: &[u8]) -> Result<RegisterAdapterRequest, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
@@ -224,9 +227,8 @@ async fn register_inner(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(AdapterInfo, String), ApiError> {
-    let bytes = body.map_err(|rej| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("Cannot read the request body: {rej}"))
-    })?;
+    // A body over the limit is 413 like on every other route, not a generic 400.
+    let bytes = body.map_err(|rej| super::handlers::body_error(rej, ADAPTER_BODY_LIMIT))?;
     let req = parse_register(&bytes)?;
     let reg = state.adapters.clone();
     if reg.root().is_none() {

@@ -33,11 +33,14 @@ pub struct ApiError {
     pub param: Option<String>,
     pub code: &'static str,
     pub retry_after: Option<u64>,
+    /// Send `x-should-retry: false`: a retry would only repeat the failure (the `openai` client
+    /// retries 5xx twice by default).
+    pub no_retry: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), param: None, code, retry_after: None }
+        Self { status, message: message.into(), param: None, code, retry_after: None, no_retry: false }
     }
 
     /// 422 naming the field.
@@ -85,6 +88,11 @@ impl ApiError {
         self
     }
 
+    pub fn no_retry(mut self) -> Self {
+        self.no_retry = true;
+        self
+    }
+
     pub fn with_retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs);
         self
@@ -114,6 +122,9 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.no_retry {
+            resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp
     }

@@ -1,6 +1,6 @@
 //! Route handlers.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -15,13 +15,13 @@ use super::middleware::ModelLabel;
 use super::types::*;
 use super::validate;
 use super::AppState;
-use crate::engine::{EngineState, Job, JobError, ModelSummary, SubmitError};
+use crate::engine::{
+    CancelOnDrop, EngineState, GeneratedImage, Job, JobError, JobEvent, JobOutput, ModelSummary, SubmitError,
+};
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+use crate::util::unix_now;
 
-fn submit_error(e: SubmitError) -> ApiError {
+pub(crate) fn submit_error(e: SubmitError, engine: &crate::engine::Engine) -> ApiError {
     match e {
         SubmitError::QueueFull { depth, retry_after_secs } => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -29,14 +29,98 @@ fn submit_error(e: SubmitError) -> ApiError {
             format!("The server is busy ({depth} jobs queued); retry after {retry_after_secs} s"),
         )
         .with_retry_after(retry_after_secs),
+        SubmitError::TooLarge { needed_mib, budget_mib, field } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "insufficient_memory",
+            format!(
+                "This request would need about {needed_mib} MiB, more than the server's memory budget of \
+                 {budget_mib} MiB (limits.memory_budget_mib); ask for a smaller size, fewer images or fewer \
+                 particles"
+            ),
+        )
+        .with_param(field)
+        .no_retry(),
         SubmitError::NotReady(msg) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("Models are not ready: {msg}"))
                 .with_retry_after(5)
         }
         SubmitError::UnknownModel(name) => ApiError::model_not_found(&name),
-        SubmitError::WorkerGone => {
+        SubmitError::ShuttingDown => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "The server is shutting down")
+                .with_retry_after(engine.retry_after_secs().max(5))
         }
+    }
+}
+
+pub(crate) fn job_error(e: JobError) -> ApiError {
+    match e {
+        JobError::Invalid { field, message } => ApiError::invalid(&field, message),
+        JobError::Upstream(msg) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "reward_upstream_error", msg).with_param("reward")
+        }
+        JobError::UpstreamTimeout(msg) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "reward_upstream_timeout", msg).with_param("reward")
+        }
+        JobError::Cancelled => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "The job was cancelled").no_retry()
+        }
+        // A retry would run the same inputs into the same failure.
+        JobError::Failed(msg) => ApiError::internal(format!("Generation failed: {msg}")).no_retry(),
+        JobError::WorkerGone => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "The engine stopped"),
+    }
+}
+
+/// A validated request, ready for the engine, with what the answer needs to describe it.
+pub(crate) struct Prepared {
+    pub job: Job,
+    pub applied: Vec<AppliedAdapter>,
+    pub request_seed: u64,
+    pub trace: bool,
+    pub stream: bool,
+    pub stream_progress: bool,
+}
+
+/// Parse and validate a generation body (400/413/422/404 as the fields say); `label` gets the
+/// model's name as soon as it is known (the `model` label of request metrics).
+pub(crate) fn prepare(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    label: &mut Option<String>,
+) -> Result<Prepared, ApiError> {
+    let bytes = body.map_err(|rej| body_error(rej, state.limits.max_body_bytes))?;
+    let req = validate::parse_body(&bytes)?;
+    let model = state.engine.model(req.model.as_deref()).map_err(|e| submit_error(e, &state.engine))?;
+    *label = Some(model.name.clone());
+    let stream = req.stream.unwrap_or(false);
+    let stream_progress = req.stream_progress.unwrap_or(false);
+    let validated = validate::check(req, &state.limits, &model, &state.rewards, &state.adapters)?;
+    let applied: Vec<AppliedAdapter> = validated
+        .adapters
+        .items
+        .iter()
+        .map(|(a, scale)| AppliedAdapter { name: a.name.clone(), scale: *scale })
+        .collect();
+    let request_seed = validated.params.seed;
+    let trace = validated.steering.trace;
+    let job = Job {
+        model: Some(model.name.clone()),
+        params: validated.params,
+        steering: validated.steering,
+        adapters: validated.adapters,
+        partial_images: if stream { validated.partial_images } else { 0 },
+    };
+    Ok(Prepared { job, applied, request_seed, trace, stream, stream_progress })
+}
+
+pub(crate) fn body_error(rej: BytesRejection, limit: usize) -> ApiError {
+    if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("The request body exceeds {limit} bytes (limits.max_body_bytes)"),
+        )
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("Cannot read the request body: {rej}"))
     }
 }
 
@@ -47,17 +131,21 @@ fn submit_error(e: SubmitError) -> ApiError {
     tag = "images",
     request_body = ImageGenerationRequest,
     responses(
-        (status = 200, description = "Generated images (PNG, base64) with tiller metadata", body = ImagesResponse),
+        (status = 200, description = "Generated images (PNG, base64) with tiller metadata; with `stream: true`, \
+            a `text/event-stream` of `image_generation.partial_image` and `image_generation.completed` events \
+            (an `error` event if the job fails after the stream started)", body = ImagesResponse,
+            content((ImagesResponse = "application/json"), (CompletedImageEvent = "text/event-stream"))),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key (when `server.api_key` is set)", body = ErrorResponse),
         (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
         (status = 413, description = "Body larger than `limits.max_body_bytes`", body = ErrorResponse),
-        (status = 422, description = "Invalid field; `error.param` names it (`adapters` for an adapter that does not fit the model)", body = ErrorResponse),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
+        (status = 422, description = "Invalid field; `error.param` names it (`adapters` for an adapter that does not fit the model; code `insufficient_memory` when the request would exceed `limits.memory_budget_mib`)", body = ErrorResponse),
         (status = 429, description = "Queue full; see the Retry-After header", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),
         (status = 502, description = "An `http` reward's scorer answered badly", body = ErrorResponse),
-        (status = 503, description = "Models not loaded yet", body = ErrorResponse),
+        (status = 503, description = "Models not loaded yet, or the server is shutting down", body = ErrorResponse),
         (status = 504, description = "Not finished within `limits.request_timeout_secs` (the job was cancelled), or an `http` reward's scorer timed out", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
@@ -65,10 +153,13 @@ fn submit_error(e: SubmitError) -> ApiError {
 pub async fn create_image(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let t0 = Instant::now();
     let mut label = None;
-    let result = create_image_inner(&state, body, t0, &mut label).await;
-    let mut resp = match result {
-        Ok(r) => Json(r).into_response(),
+    let mut resp = match prepare(&state, body, &mut label) {
         Err(e) => e.into_response(),
+        Ok(p) if p.stream => super::stream::images_stream(state, p, t0).await,
+        Ok(p) => match create_image_inner(&state, p, t0).await {
+            Ok(r) => Json(r).into_response(),
+            Err(e) => e.into_response(),
+        },
     };
     if let Some(model) = label {
         resp.extensions_mut().insert(ModelLabel(model));
@@ -76,121 +167,97 @@ pub async fn create_image(State(state): State<AppState>, body: Result<Bytes, Byt
     resp
 }
 
-async fn create_image_inner(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-    t0: Instant,
-    label: &mut Option<String>,
-) -> Result<ImagesResponse, ApiError> {
-    let bytes = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("The request body exceeds {} bytes (limits.max_body_bytes)", state.limits.max_body_bytes),
-            )
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", format!("Cannot read the request body: {rej}"))
-        }
-    })?;
-    let req = validate::parse_body(&bytes)?;
-    let model = state.engine.model(req.model.as_deref()).map_err(submit_error)?;
-    *label = Some(model.name.clone());
-    let validated = validate::check(req, &state.limits, &model, &state.rewards, &state.adapters)?;
-    let applied: Vec<AppliedAdapter> = validated
-        .adapters
-        .items
-        .iter()
-        .map(|(a, scale)| AppliedAdapter { name: a.name.clone(), scale: *scale })
-        .collect();
-    let params = validated.params;
-    let request_seed = params.seed;
-    let trace = validated.steering.trace;
-    let job =
-        Job { model: Some(model.name.clone()), params, steering: validated.steering, adapters: validated.adapters };
-    let ticket = state.engine.submit(job).map_err(submit_error)?;
+async fn create_image_inner(state: &AppState, p: Prepared, t0: Instant) -> Result<ImagesResponse, ApiError> {
+    let handle = state.engine.submit(p.job.clone()).map_err(|e| submit_error(e, &state.engine))?;
+    // Dropping the guard (timeout, or this future dropped because the client went away)
+    // cancels the job before its next denoiser call.
+    let _guard = CancelOnDrop(Some(handle.clone()));
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
-    // Dropping `ticket` (timeout, or this future dropped because the client went away)
-    // cancels the job at its next denoising step.
-    let out = match tokio::time::timeout(timeout, ticket.wait()).await {
-        Ok(r) => r,
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!(
-                    "The request did not finish within {} s (limits.request_timeout_secs) and was cancelled",
-                    state.limits.request_timeout_secs
-                ),
-            ))
-        }
+    let outcome = match tokio::time::timeout(timeout, handle.wait()).await {
+        Ok(ev) => ev,
+        Err(_) => return Err(timeout_error(state)),
     };
-    let out = out.map_err(|e| match e {
-        JobError::Invalid { field, message } => ApiError::invalid(&field, message),
-        JobError::Upstream(msg) => {
-            ApiError::new(StatusCode::BAD_GATEWAY, "reward_upstream_error", msg).with_param("reward")
-        }
-        JobError::UpstreamTimeout(msg) => {
-            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "reward_upstream_timeout", msg).with_param("reward")
-        }
-        JobError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "The job was cancelled"),
-        JobError::Failed(msg) => ApiError::internal(format!("Generation failed: {msg}")),
-        JobError::WorkerGone => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "The engine stopped"),
-    })?;
+    let out = match outcome {
+        JobEvent::Completed(out) => out,
+        JobEvent::Failed(e) => return Err(job_error(e)),
+        _ => return Err(job_error(JobError::Cancelled)),
+    };
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let timings = TimingsMs {
-        queue_ms: out.queue_ms,
-        encode_ms: out.timings.encode_ms,
-        denoise_ms: out.timings.denoise_ms,
-        decode_ms: out.timings.decode_ms,
-        total_ms,
-    };
-    let p = &out.params;
     let mut data = Vec::with_capacity(out.images.len());
     for img in &out.images {
-        let optimized_noise = match &img.optimized_noise {
-            Some(t) => Some(
-                base64::engine::general_purpose::STANDARD.encode(
-                    crate::util::tensor_io::to_safetensors_bytes(&[("latents", t)])
-                        .map_err(|e| ApiError::internal(format!("cannot serialise the optimised noise: {e}")))?,
-                ),
-            ),
-            None => None,
-        };
         data.push(Image {
             b64_json: base64::engine::general_purpose::STANDARD.encode(&img.png),
-            tiller: ImageMetadata {
-                seed: img.seed,
-                request_seed,
-                model: out.model.clone(),
-                width: p.width,
-                height: p.height,
-                steps: p.steps,
-                scheduler: p.scheduler,
-                guidance_scale: p.guidance_scale,
-                eta: p.eta,
-                denoiser_evals: out.denoiser_evals,
-                prompt_truncated: out.prompt_truncated,
-                timings: timings.clone(),
-                steering: SteeringMetadata {
-                    method: out.method.to_string(),
-                    reward_name: out.reward.clone(),
-                    reward: img.reward,
-                    reward_evals: out.reward_evals,
-                    phases: out.timings.clone(),
-                    optimized_noise,
-                    trace: trace.then(|| img.trace.clone()),
-                },
-                adapters: applied.clone(),
-                adapter_variant: out.variant.map(|v| AdapterVariant {
-                    merged: v.merged,
-                    cached: v.cached,
-                    build_ms: v.build_ms,
-                }),
-            },
+            tiller: metadata(&p, &out, img, total_ms)?,
         });
     }
     Ok(ImagesResponse { created: unix_now(), data })
+}
+
+pub(crate) fn timeout_error(state: &AppState) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        format!(
+            "The request did not finish within {} s (limits.request_timeout_secs) and was cancelled",
+            state.limits.request_timeout_secs
+        ),
+    )
+    // The same request would take as long again.
+    .no_retry()
+}
+
+/// The tiller metadata of one image of a finished job.
+pub(crate) fn metadata(
+    p: &Prepared,
+    out: &JobOutput,
+    img: &GeneratedImage,
+    total_ms: f64,
+) -> Result<ImageMetadata, ApiError> {
+    let optimized_noise = match &img.optimized_noise {
+        Some(t) => Some(
+            base64::engine::general_purpose::STANDARD.encode(
+                crate::util::tensor_io::to_safetensors_bytes(&[("latents", t)])
+                    .map_err(|e| ApiError::internal(format!("cannot serialise the optimised noise: {e}")))?,
+            ),
+        ),
+        None => None,
+    };
+    let r = &out.params;
+    Ok(ImageMetadata {
+        seed: img.seed,
+        request_seed: p.request_seed,
+        model: out.model.clone(),
+        width: r.width,
+        height: r.height,
+        steps: r.steps,
+        scheduler: r.scheduler,
+        guidance_scale: r.guidance_scale,
+        eta: r.eta,
+        denoiser_evals: out.denoiser_evals,
+        prompt_truncated: out.prompt_truncated,
+        timings: TimingsMs {
+            queue_ms: out.queue_ms,
+            encode_ms: out.timings.encode_ms,
+            denoise_ms: out.timings.denoise_ms,
+            decode_ms: out.timings.decode_ms,
+            total_ms,
+        },
+        steering: SteeringMetadata {
+            method: out.method.to_string(),
+            reward_name: out.reward.clone(),
+            reward: img.reward,
+            reward_evals: out.reward_evals,
+            phases: out.timings.clone(),
+            optimized_noise,
+            trace: p.trace.then(|| img.trace.clone()),
+        },
+        adapters: p.applied.clone(),
+        adapter_variant: out.variant.as_ref().map(|v| AdapterVariant {
+            merged: v.merged,
+            cached: v.cached,
+            build_ms: v.build_ms,
+        }),
+    })
 }
 
 fn model_entry(s: &ModelSummary, default: Option<&str>) -> Model {
@@ -236,7 +303,7 @@ fn model_entry(s: &ModelSummary, default: Option<&str>) -> Model {
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     let default = state.engine.default_model();
     let data = state.engine.models().iter().map(|s| model_entry(s, default.as_deref())).collect();
-    Json(ModelList { object: "list".into(), data })
+    Json(ModelList { object: "list".into(), data, failed: state.engine.failures() })
 }
 
 /// Describe one model.
@@ -280,12 +347,20 @@ pub async fn list_rewards(State(state): State<AppState>) -> Json<RewardList> {
 
 fn health_status(state: &AppState) -> (bool, HealthStatus) {
     let models = state.engine.models().into_iter().map(|s| s.name).collect();
+    let failed_models = state.engine.failures();
+    let status = |s: &str, message: Option<String>| HealthStatus {
+        status: s.into(),
+        models,
+        failed_models: failed_models.clone(),
+        message,
+    };
+    if state.engine.is_closed() {
+        return (false, status("draining", Some("the server is shutting down and takes no new jobs".into())));
+    }
     match state.engine.state() {
-        EngineState::Ready => (true, HealthStatus { status: "ok".into(), models, message: None }),
-        EngineState::Loading => {
-            (false, HealthStatus { status: "loading".into(), models, message: Some("models are loading".into()) })
-        }
-        EngineState::Failed(msg) => (false, HealthStatus { status: "failed".into(), models, message: Some(msg) }),
+        EngineState::Ready => (true, status("ok", None)),
+        EngineState::Loading => (false, status("loading", Some("models are loading".into()))),
+        EngineState::Failed(msg) => (false, status("failed", Some(msg))),
     }
 }
 

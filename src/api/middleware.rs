@@ -33,6 +33,30 @@ pub async fn record_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
+/// POST bodies are JSON: a missing or other `Content-Type` is 415 (an OpenAI-shaped error),
+/// not parsed on a guess.
+pub async fn require_json(req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "The request body must be JSON: send `Content-Type: application/json`",
+        )
+        .into_response()
+    }
+}
+
 fn bearer_ok(req: &Request, key: &str) -> bool {
     req.headers()
         .get(header::AUTHORIZATION)

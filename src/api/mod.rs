@@ -7,8 +7,10 @@
 pub mod adapters;
 pub mod error;
 pub mod handlers;
+pub mod jobs;
 pub mod middleware;
 pub mod openapi;
+pub mod stream;
 pub mod types;
 pub mod validate;
 
@@ -44,6 +46,8 @@ pub struct AppState {
     pub adapters: Arc<AdapterRegistry>,
     /// `adapters.root` as configured (for messages when it does not exist).
     pub adapters_root: Arc<std::path::Path>,
+    /// Asynchronous jobs (`/v1/jobs`).
+    pub jobs: Arc<jobs::JobStore>,
 }
 
 impl AppState {
@@ -65,6 +69,7 @@ impl AppState {
             rewards: Arc::new(rewards),
             adapters: Arc::new(adapters),
             adapters_root: Arc::from(config.adapters.root.as_path()),
+            jobs: jobs::store(&config.jobs),
         }
     }
 }
@@ -75,7 +80,20 @@ pub fn router(state: AppState) -> Router {
     crate::util::metrics::prometheus();
     let body_limit = state.limits.max_body_bytes;
     let v1 = Router::new()
-        .route("/v1/images/generations", post(handlers::create_image).layer(DefaultBodyLimit::max(body_limit)))
+        .route(
+            "/v1/images/generations",
+            post(handlers::create_image)
+                .layer(DefaultBodyLimit::max(body_limit))
+                .layer(axum::middleware::from_fn(middleware::require_json)),
+        )
+        .route(
+            "/v1/jobs",
+            post(jobs::create_job)
+                .layer(DefaultBodyLimit::max(body_limit))
+                .layer(axum::middleware::from_fn(middleware::require_json)),
+        )
+        .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::delete_job))
+        .route("/v1/jobs/{id}/events", get(jobs::job_events))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{model}", get(handlers::get_model))
         .route("/v1/rewards", get(handlers::list_rewards))
@@ -84,7 +102,12 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
     // Registering and removing adapters changes what every client gets: the admin key.
     let manage = Router::new()
-        .route("/v1/adapters", post(adapters::register_adapter))
+        .route(
+            "/v1/adapters",
+            post(adapters::register_adapter)
+                .layer(DefaultBodyLimit::max(adapters::ADAPTER_BODY_LIMIT))
+                .layer(axum::middleware::from_fn(middleware::require_json)),
+        )
         .route("/v1/adapters/{name}", delete(adapters::delete_adapter))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_manage_key));
     let metrics = Router::new()
@@ -143,11 +166,18 @@ pub fn engine_from_config(config: &Config) -> crate::error::Result<Engine> {
     }
     let device = mc.device.open()?;
     let dtype = mc.dtype.check_device(&device)?;
-    let loader: crate::engine::Loader = Box::new(move || {
-        let mut out = Vec::new();
+    let loader = move || -> Result<crate::engine::Loaded, String> {
+        let mut out = crate::engine::Loaded::default();
+        // Load what loads: one broken directory is reported, not fatal to the others.
         for (name, dir) in selected {
             let t0 = std::time::Instant::now();
-            let model = crate::models::loader::load_model(&name, &dir, &device, dtype).map_err(|e| e.to_string())?;
+            let model = match crate::models::loader::load_model(&name, &dir, &device, dtype) {
+                Ok(m) => m,
+                Err(e) => {
+                    out.failures.push(crate::engine::ModelFailure { name, error: e.to_string() });
+                    continue;
+                }
+            };
             tracing::info!("loaded model `{name}` from {} in {:.1}s", dir.display(), t0.elapsed().as_secs_f64());
             let marker = ["model_index.json", crate::models::gaussian_mixture::CONFIG_FILE]
                 .iter()
@@ -160,18 +190,31 @@ pub fn engine_from_config(config: &Config) -> crate::error::Result<Engine> {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            out.push(crate::engine::LoadedModel { name, model, created });
+            out.models.push(crate::engine::LoadedModel { name, model, created });
         }
         Ok(out)
-    });
-    let opts = crate::engine::EngineOptions {
-        queue_depth: config.limits.queue_depth,
-        default_model: mc.default.clone(),
+    };
+    Ok(Engine::start(loader, engine_options(config)))
+}
+
+/// The engine settings `config` asks for.
+pub fn engine_options(config: &Config) -> crate::engine::EngineOptions {
+    let l = &config.limits;
+    crate::engine::EngineOptions {
+        queue_depth: l.queue_depth,
+        default_model: config.models.default.clone(),
         variant_cache_bytes: config.adapters.cache_mib << 20,
         merge_policy: config.adapters.merge,
         lenient_adapters: config.adapters.lenient,
-    };
-    Ok(Engine::start(loader, opts))
+        memory_budget_bytes: l.memory_budget_bytes(),
+        max_running_jobs: l.max_running_jobs,
+        decode_chunk: 4,
+        scheduler: crate::engine::SchedulerOptions {
+            max_batch_rows: l.max_batch_rows,
+            gather_window: Duration::from_millis(l.batch_wait_ms),
+            ..Default::default()
+        },
+    }
 }
 
 /// Run the server until Ctrl-C / SIGTERM.
@@ -195,7 +238,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             crate::util::metrics::prometheus().run_upkeep();
         }
     });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    // SIGTERM: stop accepting (readiness turns 503 at once), let running and queued jobs finish
+    // for up to `limits.shutdown_grace_secs`, then cancel the rest; a second signal cancels at
+    // once. HTTP connections close after the engine has drained, so streams end with their jobs.
+    let grace = Duration::from_secs(config.limits.shutdown_grace_secs);
+    let drain_engine = engine.clone();
+    let drained = async move {
+        shutdown_signal().await;
+        tracing::info!("draining: refusing new jobs, waiting up to {} s for running ones", grace.as_secs());
+        tokio::select! {
+            finished = drain_engine.drain(grace) => {
+                if !finished {
+                    tracing::warn!("grace period over: cancelled the remaining jobs");
+                }
+            }
+            _ = shutdown_signal() => {
+                tracing::warn!("second signal: cancelling every job now");
+                drain_engine.cancel_all();
+            }
+        }
+    };
+    axum::serve(listener, app).with_graceful_shutdown(drained).await?;
     engine.shutdown();
     Ok(())
 }

@@ -15,7 +15,8 @@ use crate::sampling::SamplerKind;
         description = "OpenAI-compatible image generation for diffusers-format Stable Diffusion \
                        models, with tiller extensions (seed, steps, scheduler, guidance, initial \
                        latents), inference-time steering towards a reward (best-of-N, FK \
-                       steering, SVDD, ReNO), LoRA adapters and per-image replay metadata."
+                       steering, SVDD, ReNO), LoRA adapters, per-image replay metadata, \
+                       OpenAI-style streaming with previews, and asynchronous jobs."
     ),
     paths(
         handlers::create_image,
@@ -28,11 +29,23 @@ use crate::sampling::SamplerKind;
         super::adapters::list_adapters,
         super::adapters::get_adapter,
         super::adapters::register_adapter,
-        super::adapters::delete_adapter
+        super::adapters::delete_adapter,
+        super::jobs::create_job,
+        super::jobs::get_job,
+        super::jobs::delete_job,
+        super::jobs::job_events
     ),
     components(schemas(
         ImageGenerationRequest,
         ImagesResponse,
+        PartialImageEvent,
+        CompletedImageEvent,
+        ImageUsage,
+        InputTokensDetails,
+        super::jobs::JobInfo,
+        super::jobs::JobProgress,
+        crate::engine::JobStatus,
+        crate::engine::ModelFailure,
         Image,
         ImageMetadata,
         TimingsMs,

@@ -12,6 +12,7 @@ use crate::steering::{PhaseTimings, SteeringSpec, TraceEvent};
 /// Fields set to `null` count as absent. Unknown fields are rejected (422) so that typos do not
 /// pass silently; `user`, `quality` and `style` are accepted for OpenAI compatibility and ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"prompt": "a red circle on a blue background", "size": "64x64", "seed": 42}))]
 pub struct ImageGenerationRequest {
     /// Text prompt (required; at most `limits.max_prompt_chars` characters).
@@ -94,10 +95,79 @@ pub struct ImageGenerationRequest {
     #[serde(default)]
     #[schema(example = json!([{"name": "pixel-art", "scale": 0.8}]))]
     pub adapters: Option<Vec<AdapterRef>>,
+    /// Answer with `text/event-stream`: `image_generation.partial_image` previews, then one
+    /// `image_generation.completed` event per image (OpenAI's Images API stream); default false.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Previews of the predicted clean image sent while streaming, 0–3 (default 0); they come
+    /// at evenly spaced steps, so fewer arrive when there are fewer steps than previews.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 3)]
+    pub partial_images: Option<u32>,
+    /// tiller: while streaming, also send `tiller.progress` events (step, total) after every
+    /// denoising step; default false.
+    #[serde(default)]
+    pub stream_progress: Option<bool>,
+}
+
+/// A preview while streaming (`event: image_generation.partial_image`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PartialImageEvent {
+    /// `image_generation.partial_image`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The decoded x̂0 preview, PNG base64.
+    pub b64_json: String,
+    /// 0-based.
+    pub partial_image_index: usize,
+    pub created_at: u64,
+    /// `WIDTHxHEIGHT`.
+    pub size: String,
+    /// Always `auto`.
+    pub quality: String,
+    /// Always `opaque`.
+    pub background: String,
+    /// Always `png`.
+    pub output_format: String,
+}
+
+/// A finished image while streaming (`event: image_generation.completed`), one per image.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CompletedImageEvent {
+    /// `image_generation.completed`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The same PNG as the non-streaming answer for the same request and seed.
+    pub b64_json: String,
+    pub created_at: u64,
+    pub size: String,
+    pub quality: String,
+    pub background: String,
+    pub output_format: String,
+    /// Token counts as OpenAI reports them: the prompt's tokens, no output tokens.
+    pub usage: ImageUsage,
+    /// How this image was made (as in the non-streaming answer).
+    pub tiller: ImageMetadata,
+}
+
+/// OpenAI's `usage` of an image event.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageUsage {
+    pub input_tokens: u64,
+    pub input_tokens_details: InputTokensDetails,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InputTokensDetails {
+    pub image_tokens: u64,
+    pub text_tokens: u64,
 }
 
 /// One adapter of a generation request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AdapterRef {
     /// Adapter name from `GET /v1/adapters`.
     pub name: String,
@@ -222,6 +292,9 @@ pub struct ModelList {
     /// Always `list`.
     pub object: String,
     pub data: Vec<Model>,
+    /// tiller: model directories that failed to load, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<crate::engine::ModelFailure>,
 }
 
 /// A model, OpenAI-style, with tiller's extras.
@@ -266,10 +339,13 @@ pub struct ModelDetails {
 /// `GET /health` and `GET /ready` body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HealthStatus {
-    /// `ok`, `loading` or `failed`.
+    /// `ok`, `loading`, `failed` or `draining` (shutting down: no new jobs).
     pub status: String,
     /// Loaded model ids.
     pub models: Vec<String>,
+    /// Model directories that failed to load, and why (the others are served).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_models: Vec<crate::engine::ModelFailure>,
     /// Why the server is not ready, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

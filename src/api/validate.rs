@@ -40,6 +40,9 @@ pub const FIELDS: &[&str] = &[
     "reward",
     "trace",
     "adapters",
+    "stream",
+    "partial_images",
+    "stream_progress",
 ];
 
 /// Most adapters one request may apply.
@@ -113,12 +116,11 @@ pub fn parse_value(value: Value) -> Result<ImageGenerationRequest, ApiError> {
             None | Some(Value::Null) => None,
             Some(v) => Some(RewardSpec::parse(v).map_err(reward_error)?),
         },
-        trace: match obj.get("trace") {
-            None | Some(Value::Null) => None,
-            Some(Value::Bool(b)) => Some(*b),
-            Some(_) => return Err(ApiError::wrong_type("trace", "a boolean")),
-        },
+        trace: boolean(&obj, "trace")?,
         adapters: parse_adapters(obj.get("adapters"))?,
+        stream: boolean(&obj, "stream")?,
+        partial_images: integer(&obj, "partial_images")?.map(|v| v.min(u32::MAX as u64) as u32),
+        stream_progress: boolean(&obj, "stream_progress")?,
     })
 }
 
@@ -267,6 +269,14 @@ fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiErro
     }
 }
 
+fn boolean(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::wrong_type(key, "a boolean")),
+    }
+}
+
 fn integer(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -324,6 +334,8 @@ pub struct Validated {
     pub adapters: AdapterSet,
     /// The seed was chosen by the server.
     pub random_seed: bool,
+    /// Previews to send while streaming (0–3).
+    pub partial_images: usize,
 }
 
 /// Check a typed request against the limits, the model it targets and the rewards on offer.
@@ -375,6 +387,14 @@ pub fn check(
             ))
         }
     }
+    if let Some(p) = req.partial_images {
+        if p > 3 {
+            return Err(ApiError::invalid(
+                "partial_images",
+                format!("`partial_images` must be between 0 and 3, got {p}"),
+            ));
+        }
+    }
     let n = req.n.unwrap_or(1) as usize;
     if n < 1 || n > limits.max_n {
         return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}, got {n}", limits.max_n)));
@@ -393,12 +413,15 @@ pub fn check(
             ),
         ));
     }
-    if width > limits.max_width || height > limits.max_height || width * height > limits.max_pixels {
+    let (max_w, max_h, max_px) = limits.size_limits(info.default_size);
+    if width > max_w || height > max_h || width.saturating_mul(height) > max_px {
         return Err(ApiError::invalid(
             "size",
             format!(
-                "`size` {width}x{height} exceeds the limits (width ≤ {}, height ≤ {}, width×height ≤ {})",
-                limits.max_width, limits.max_height, limits.max_pixels
+                "`size` {width}x{height} exceeds the limits for model `{}` (width ≤ {max_w}, height ≤ {max_h}, \
+                 width×height ≤ {max_px}; limits.max_width/max_height/max_pixels, by default twice the model's \
+                 native size)",
+                model.name
             ),
         ));
     }
@@ -457,6 +480,12 @@ pub fn check(
         }
     };
     let (seed, random_seed) = match req.seed {
+        Some(s) if s.checked_add(n as u64 - 1).is_none() => {
+            return Err(ApiError::invalid(
+                "seed",
+                format!("`seed` {s} + n − 1 overflows 2^64 − 1: image i uses seed + i; use a smaller seed"),
+            ))
+        }
         Some(s) => (s, false),
         // 53 bits, so that JavaScript clients can hold the reported seed exactly.
         None => (rand::random::<u64>() >> 11, true),
@@ -477,7 +506,8 @@ pub fn check(
     let adapters = check_adapters(req.adapters.as_deref().unwrap_or_default(), adapters)?;
     let steering =
         check_steering(req.steering.unwrap_or_default(), req.reward, req.trace, limits, model, rewards, &params)?;
-    Ok(Validated { params, steering, adapters, random_seed })
+    let partial_images = req.partial_images.unwrap_or(0) as usize;
+    Ok(Validated { params, steering, adapters, random_seed, partial_images })
 }
 
 /// Steering fields: the spec's numbers, the reward (built from the registry), and the

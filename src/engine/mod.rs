@@ -1,20 +1,27 @@
-//! The engine: one dedicated worker thread owns the loaded models and runs generation jobs
-//! from a bounded queue, so model work never blocks the async runtime.
+//! The engine: admission, step-level batching and the event stream of every job.
 //!
-//! * [`Engine::submit`] enqueues a job or refuses at once ([`SubmitError::QueueFull`]).
-//! * The returned [`JobTicket`] resolves to the job's result. Dropping the ticket (the HTTP
-//!   client disconnected, or the request timed out) cancels the job: a queued job is skipped,
-//!   a running one stops at the next denoising step.
-//! * Models are loaded on the worker thread at start-up; until then the engine is not ready.
+//! * [`Engine::submit`] estimates a job's peak memory and work, then queues it or refuses it at
+//!   once (too large for `limits.memory_budget_mib`, or the queue is full). It returns the job's
+//!   [`JobHandle`]: its id, cancel flag and event log.
+//! * A dispatcher thread admits queued jobs in FIFO order while their estimates fit the budget
+//!   ([`queue`]); each admitted job runs its strategy on a thread of its own, and every
+//!   denoiser call of every running job goes through the scheduler thread ([`scheduler`]),
+//!   which batches rows of different jobs into shared forwards.
+//! * A job stops within one denoiser call after [`JobHandle::cancel`] (DELETE, a client that
+//!   hung up, a timeout).
+//! * Models are loaded on a background thread at start-up; until the default model is loaded
+//!   the engine is not ready. A model that fails to load is reported, the others are served.
 
-use std::collections::BTreeMap;
+pub mod events;
+pub mod queue;
+pub mod scheduler;
+
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
-
-use tokio::sync::oneshot;
 
 use crate::adapters::registry::{MergePolicy, VariantCache, VariantInfo};
 use crate::adapters::AdapterSet;
@@ -22,8 +29,11 @@ use crate::models::{DiffusionModel, ModelInfo};
 use crate::pipeline::{GenerationError, GenerationParams, ResolvedParams};
 use crate::reward::RewardError;
 use crate::sampling::SamplerKind;
-use crate::steering::{PhaseTimings, SteeringRequest, TraceEvent};
+use crate::steering::{PhaseTimings, SteeringRequest, SteeringSpec, TraceEvent};
 use crate::util::metrics as m;
+
+pub use events::{CancelOnDrop, JobEvent, JobHandle, JobStatus};
+pub use scheduler::SchedulerOptions;
 
 /// A model handed to the engine.
 pub struct LoadedModel {
@@ -39,6 +49,26 @@ impl LoadedModel {
     }
 }
 
+/// A model directory that did not load, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ModelFailure {
+    pub name: String,
+    pub error: String,
+}
+
+/// What a loader produced: the models that loaded and the ones that did not.
+#[derive(Default)]
+pub struct Loaded {
+    pub models: Vec<LoadedModel>,
+    pub failures: Vec<ModelFailure>,
+}
+
+impl From<Vec<LoadedModel>> for Loaded {
+    fn from(models: Vec<LoadedModel>) -> Self {
+        Self { models, failures: Vec::new() }
+    }
+}
+
 /// What the HTTP layer may know about a loaded model.
 #[derive(Debug, Clone)]
 pub struct ModelSummary {
@@ -49,20 +79,27 @@ pub struct ModelSummary {
     pub default_scheduler: SamplerKind,
 }
 
-/// Loads the models; runs on the worker thread.
-pub type Loader = Box<dyn FnOnce() -> Result<Vec<LoadedModel>, String> + Send>;
+/// Loads the models; runs on a background thread.
+pub type Loader = Box<dyn FnOnce() -> Result<Loaded, String> + Send>;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Jobs that may wait behind the running one.
+    /// Jobs that may wait for admission; more are refused (429).
     pub queue_depth: usize,
-    /// Model used when a job names none; `None` = the first loaded model by name.
+    /// Model used when a job names none; `None` = the embedded default, else the first by name.
     pub default_model: Option<String>,
     /// Memory budget of the merged-variant cache, bytes.
     pub variant_cache_bytes: usize,
     pub merge_policy: MergePolicy,
     /// Skip adapter keys that match no module (with a warning) instead of failing the request.
     pub lenient_adapters: bool,
+    /// Peak memory the running jobs may use together (their estimates), bytes.
+    pub memory_budget_bytes: u64,
+    /// Jobs running at once (each has a thread; their denoiser calls are batched).
+    pub max_running_jobs: usize,
+    /// Images decoded at once by one job (bounds decode memory for large particle counts).
+    pub decode_chunk: usize,
+    pub scheduler: SchedulerOptions,
 }
 
 impl Default for EngineOptions {
@@ -73,8 +110,20 @@ impl Default for EngineOptions {
             variant_cache_bytes: 2 << 30,
             merge_policy: MergePolicy::Auto,
             lenient_adapters: false,
+            memory_budget_bytes: default_memory_budget(),
+            max_running_jobs: 16,
+            decode_chunk: 4,
+            scheduler: SchedulerOptions::default(),
         }
     }
+}
+
+/// Half of the machine's memory (from /proc/meminfo), or 8 GiB where that cannot be read.
+pub fn default_memory_budget() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    });
+    total_kib.map(|k| k * 1024 / 2).unwrap_or(8 << 30)
 }
 
 /// Loading state.
@@ -86,8 +135,8 @@ pub enum EngineState {
     Failed(String),
 }
 
-/// A generation request for the worker.
-#[derive(Debug, Clone)]
+/// A generation request.
+#[derive(Debug, Clone, Default)]
 pub struct Job {
     /// Model name; `None` = the default model.
     pub model: Option<String>,
@@ -96,6 +145,8 @@ pub struct Job {
     pub steering: SteeringRequest,
     /// LoRA adapters with their weights (default: none).
     pub adapters: AdapterSet,
+    /// Previews of x̂0 to decode while the job runs (0–3, OpenAI's `partial_images`).
+    pub partial_images: usize,
 }
 
 /// One generated image.
@@ -121,7 +172,7 @@ pub struct JobOutput {
     /// Images scored by the reward (all particles, candidates and iterates).
     pub reward_evals: usize,
     pub timings: PhaseTimings,
-    /// Time the job waited in the queue.
+    /// Time the job waited for admission.
     pub queue_ms: f64,
     pub prompt_truncated: bool,
     /// Steering method that ran (`none` for plain sampling).
@@ -147,7 +198,7 @@ pub enum JobError {
     /// An external reward scorer timed out (504).
     #[error("{0}")]
     UpstreamTimeout(String),
-    #[error("the engine worker stopped")]
+    #[error("the engine stopped")]
     WorkerGone,
 }
 
@@ -155,12 +206,15 @@ pub enum JobError {
 pub enum SubmitError {
     #[error("the queue is full ({depth} jobs waiting)")]
     QueueFull { depth: usize, retry_after_secs: u64 },
+    /// The job's memory estimate exceeds the whole budget: it can never run.
+    #[error("the request needs about {needed_mib} MiB, more than the memory budget of {budget_mib} MiB")]
+    TooLarge { needed_mib: u64, budget_mib: u64, field: &'static str },
     #[error("models are not ready: {0}")]
     NotReady(String),
     #[error("model `{0}` not found")]
     UnknownModel(String),
-    #[error("the engine worker stopped")]
-    WorkerGone,
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 /// Counters since start-up (for tests and logs; Prometheus has the same numbers).
@@ -172,13 +226,19 @@ pub struct EngineStats {
     pub failed: u64,
     /// Cancelled while waiting in the queue (never started).
     pub cancelled_queued: u64,
-    /// Cancelled between denoising steps.
+    /// Cancelled while running.
     pub cancelled_running: u64,
     /// Denoising steps run, all jobs.
     pub steps: u64,
     pub denoiser_evals: u64,
     pub queued: u64,
     pub in_flight: u64,
+    /// Batched forwards run, the rows they held, the most rows in one, and how many held rows
+    /// of more than one job.
+    pub ticks: u64,
+    pub batch_rows: u64,
+    pub max_batch_rows: u64,
+    pub shared_ticks: u64,
 }
 
 #[derive(Default)]
@@ -191,93 +251,180 @@ struct Counters {
     cancelled_running: AtomicU64,
     steps: AtomicU64,
     denoiser_evals: AtomicU64,
-    queued: AtomicUsize,
     in_flight: AtomicUsize,
-    /// Exponential moving average of job run time, f64 seconds as bits.
-    avg_job_secs: AtomicU64,
 }
 
 struct Registry {
-    models: BTreeMap<String, ModelSummary>,
+    models: BTreeMap<String, (ModelSummary, Arc<dyn DiffusionModel>)>,
     default: String,
 }
 
+/// A job waiting for admission.
+struct Waiting {
+    job: Job,
+    model: Arc<dyn DiffusionModel>,
+    model_name: String,
+    handle: Arc<JobHandle>,
+    estimate: Estimate,
+}
+
+/// Admission state and the jobs it holds, under one lock.
+struct Dispatch {
+    admission: queue::Admission,
+    waiting: HashMap<u64, Waiting>,
+    /// Work of the running jobs (for Retry-After).
+    running_cost: u64,
+    throughput: Throughput,
+}
+
+/// Completed work per second of busy time (at least one job running), for Retry-After.
+#[derive(Default)]
+struct Throughput {
+    done_cost: u64,
+    busy: Duration,
+    busy_since: Option<Instant>,
+}
+
+impl Throughput {
+    fn per_sec(&self) -> Option<f64> {
+        let busy = self.busy + self.busy_since.map(|t| t.elapsed()).unwrap_or_default();
+        (self.done_cost > 0 && busy > Duration::ZERO).then(|| self.done_cost as f64 / busy.as_secs_f64())
+    }
+}
+
 struct Inner {
-    tx: Mutex<Option<SyncSender<QueuedJob>>>,
     state: RwLock<EngineState>,
     registry: RwLock<Option<Arc<Registry>>>,
+    failures: RwLock<Vec<ModelFailure>>,
     counters: Counters,
     opts: EngineOptions,
+    dispatch: Mutex<Dispatch>,
+    wake: Condvar,
+    /// No new jobs (draining or stopped).
+    closed: AtomicBool,
+    /// The dispatcher should exit once nothing is queued or running.
+    stopping: AtomicBool,
+    next_seq: AtomicU64,
+    forward_tx: Mutex<Option<SyncSender<scheduler::ForwardCall>>>,
+    gauges: Arc<scheduler::SchedulerGauges>,
+    variants: Mutex<VariantCache>,
+    /// Every job not yet finished, for cancel-all at the end of a drain.
+    live: Mutex<HashMap<u64, Arc<JobHandle>>>,
 }
 
-struct QueuedJob {
-    model: String,
-    params: GenerationParams,
-    steering: SteeringRequest,
-    adapters: AdapterSet,
-    cancel: Arc<AtomicBool>,
-    enqueued: Instant,
-    reply: oneshot::Sender<Result<JobOutput, JobError>>,
-}
-
-/// Handle to the engine; cheap to clone. The worker stops when the last handle is dropped (or
-/// on [`Engine::shutdown`]) after finishing the queued jobs.
+/// Handle to the engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
 }
 
-/// A submitted job. Await [`JobTicket::wait`]; dropping the ticket first cancels the job.
-pub struct JobTicket {
-    rx: oneshot::Receiver<Result<JobOutput, JobError>>,
-    cancel: Arc<AtomicBool>,
+/// A job's estimated peak memory and work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    pub bytes: u64,
+    /// Denoiser rows × latent elements × steps.
+    pub cost: u64,
+    /// Rows of the job's largest denoiser call.
+    pub rows_per_call: usize,
 }
 
-impl JobTicket {
-    /// Wait for the result.
-    pub async fn wait(mut self) -> Result<JobOutput, JobError> {
-        let r = (&mut self.rx).await;
-        r.unwrap_or(Err(JobError::WorkerGone))
-    }
-
-    /// Ask the worker to stop this job.
-    pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for JobTicket {
-    fn drop(&mut self) {
-        // Finished jobs ignore the flag; for anything else this is a client going away.
-        self.cancel.store(true, Ordering::SeqCst);
-    }
+/// Estimate the peak memory of `job` on `model`: one forward of its rows (capped at the batch
+/// row limit: the scheduler never runs more at once), decoding in chunks plus the decoded
+/// images it keeps, its latent state, and for ReNO the gradient graph of every step.
+pub fn estimate(model: &dyn DiffusionModel, job: &Job, opts: &EngineOptions) -> Estimate {
+    let info = model.info();
+    let r = crate::steering::resolve(info, &job.params, &job.steering.spec);
+    let f = info.vae_scale_factor.max(1);
+    let (lh, lw) = (r.height / f, r.width / f);
+    let n = job.params.n.max(1) as u64;
+    let k = job.steering.spec.latents_per_image() as u64;
+    let cfg = if r.guidance_scale > 1.0 && !info.guidance_embedding { 2 } else { 1 };
+    let latents = n * k;
+    let rows = latents * cfg;
+    let fwd_row = model.forward_bytes_per_row(lh, lw);
+    let fwd = rows.min(opts.scheduler.max_batch_rows.max(1) as u64) * fwd_row;
+    let image = (3 * r.height * r.width * 4) as u64;
+    let decoded_kept = if job.steering.spec.needs_reward() || job.steering.reward.is_some() { latents } else { n };
+    let decode =
+        latents.min(opts.decode_chunk.max(1) as u64) * model.decode_bytes_per_image(lh, lw) + decoded_kept * image * 2;
+    let latent = (info.latent_channels * lh * lw * 4) as u64;
+    let state = latents * latent * 16;
+    let steps = r.steps as u64;
+    let (reno, calls) = match &job.steering.spec {
+        // Backpropagation keeps every step's activations: about 3× a forward per step.
+        SteeringSpec::Reno(s) => {
+            (steps * rows * fwd_row * 3 + n * model.decode_bytes_per_image(lh, lw) * 3, { s.iterations as u64 * steps })
+        }
+        SteeringSpec::Svdd(_) => (0, steps * 2),
+        _ => (0, steps),
+    };
+    let bytes = fwd + decode + state + reno + (16 << 20);
+    let cost = rows * (info.latent_channels * lh * lw) as u64 * calls;
+    Estimate { bytes, cost, rows_per_call: rows as usize }
 }
 
 impl Engine {
-    /// Start the worker thread; it runs `loader` first, then serves jobs.
-    pub fn start(loader: Loader, opts: EngineOptions) -> Engine {
+    /// Start the engine; `loader` runs on a background thread and the engine is ready once it
+    /// returned a default model.
+    pub fn start<F, L>(loader: F, opts: EngineOptions) -> Engine
+    where
+        F: FnOnce() -> Result<L, String> + Send + 'static,
+        L: Into<Loaded>,
+    {
         m::prometheus();
-        let (tx, rx) = sync_channel(opts.queue_depth.max(1));
+        let (tx, rx) = sync_channel::<scheduler::ForwardCall>(1024);
+        let gauges = Arc::new(scheduler::SchedulerGauges::default());
         let inner = Arc::new(Inner {
-            tx: Mutex::new(Some(tx)),
             state: RwLock::new(EngineState::Loading),
             registry: RwLock::new(None),
+            failures: RwLock::new(Vec::new()),
             counters: Counters::default(),
+            dispatch: Mutex::new(Dispatch {
+                admission: queue::Admission::new(opts.memory_budget_bytes, opts.max_running_jobs, opts.queue_depth),
+                waiting: HashMap::new(),
+                running_cost: 0,
+                throughput: Throughput::default(),
+            }),
+            wake: Condvar::new(),
+            closed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            next_seq: AtomicU64::new(1),
+            forward_tx: Mutex::new(Some(tx)),
+            gauges: gauges.clone(),
+            variants: Mutex::new(VariantCache::new(opts.variant_cache_bytes, opts.merge_policy, opts.lenient_adapters)),
+            live: Mutex::new(HashMap::new()),
             opts,
         });
         metrics::gauge!(m::QUEUE_DEPTH).set(0.0);
         metrics::gauge!(m::JOBS_IN_FLIGHT).set(0.0);
-        let worker_inner = Arc::downgrade(&inner);
+        let sched_opts = inner.opts.scheduler;
         std::thread::Builder::new()
-            .name("tiller-engine".into())
-            .spawn(move || worker(worker_inner, loader, rx))
-            .expect("spawn the engine thread");
+            .name("tiller-scheduler".into())
+            .spawn(move || scheduler::run(rx, sched_opts, gauges))
+            .expect("spawn the scheduler thread");
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("tiller-loader".into())
+            .spawn(move || {
+                let loaded = std::panic::catch_unwind(AssertUnwindSafe(loader))
+                    .unwrap_or_else(|_| Err("the model loader panicked".into()))
+                    .map(Into::into);
+                if let Some(inner) = weak.upgrade() {
+                    register(&inner, loaded);
+                }
+            })
+            .expect("spawn the loader thread");
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("tiller-dispatch".into())
+            .spawn(move || dispatcher(weak))
+            .expect("spawn the dispatcher thread");
         Engine { inner }
     }
 
     /// Start with models that are already loaded.
     pub fn with_models(models: Vec<LoadedModel>, opts: EngineOptions) -> Engine {
-        Self::start(Box::new(move || Ok(models)), opts)
+        Self::start(move || Ok(models), opts)
     }
 
     pub fn state(&self) -> EngineState {
@@ -286,6 +433,11 @@ impl Engine {
 
     pub fn is_ready(&self) -> bool {
         self.state() == EngineState::Ready
+    }
+
+    /// Model directories that failed to load.
+    pub fn failures(&self) -> Vec<ModelFailure> {
+        self.inner.failures.read().unwrap().clone()
     }
 
     /// Block until loading finished (or `timeout` passed); returns the state then.
@@ -303,7 +455,7 @@ impl Engine {
     /// Loaded models by name (empty until ready).
     pub fn models(&self) -> Vec<ModelSummary> {
         match &*self.inner.registry.read().unwrap() {
-            Some(r) => r.models.values().cloned().collect(),
+            Some(r) => r.models.values().map(|(s, _)| s.clone()).collect(),
             None => Vec::new(),
         }
     }
@@ -312,7 +464,7 @@ impl Engine {
     pub fn model(&self, name: Option<&str>) -> Result<ModelSummary, SubmitError> {
         let reg = self.registry()?;
         let name = name.unwrap_or(&reg.default);
-        reg.models.get(name).cloned().ok_or_else(|| SubmitError::UnknownModel(name.to_string()))
+        reg.models.get(name).map(|(s, _)| s.clone()).ok_or_else(|| SubmitError::UnknownModel(name.to_string()))
     }
 
     /// Name of the default model, once loaded.
@@ -330,56 +482,96 @@ impl Engine {
         }))
     }
 
-    /// Queue a job; refuses at once when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<JobTicket, SubmitError> {
-        let summary = self.model(job.model.as_deref())?;
-        let c = &self.inner.counters;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (reply, rx) = oneshot::channel();
-        let queued = QueuedJob {
-            model: summary.name,
-            params: job.params,
-            steering: job.steering,
-            adapters: job.adapters,
-            cancel: cancel.clone(),
-            enqueued: Instant::now(),
-            reply,
-        };
-        let depth = c.queued.fetch_add(1, Ordering::SeqCst) + 1;
-        let sent = match &*self.inner.tx.lock().unwrap() {
-            Some(tx) => tx.try_send(queued),
-            None => Err(TrySendError::Disconnected(queued)),
-        };
-        match sent {
-            Ok(()) => {
-                c.submitted.fetch_add(1, Ordering::Relaxed);
-                metrics::gauge!(m::QUEUE_DEPTH).set(depth as f64);
-                Ok(JobTicket { rx, cancel })
-            }
-            Err(e) => {
-                let depth = c.queued.fetch_sub(1, Ordering::SeqCst) - 1;
-                match e {
-                    TrySendError::Full(_) => {
-                        c.rejected.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!(m::QUEUE_REJECTED).increment(1);
-                        Err(SubmitError::QueueFull { depth, retry_after_secs: self.retry_after(depth) })
-                    }
-                    TrySendError::Disconnected(_) => Err(SubmitError::WorkerGone),
-                }
-            }
-        }
+    /// The memory and work estimate of `job` (what admission decides on).
+    pub fn estimate(&self, job: &Job) -> Result<Estimate, SubmitError> {
+        let reg = self.registry()?;
+        let name = job.model.as_deref().unwrap_or(&reg.default);
+        let (_, model) = reg.models.get(name).ok_or_else(|| SubmitError::UnknownModel(name.to_string()))?;
+        Ok(estimate(model.as_ref(), job, &self.inner.opts))
     }
 
-    /// Seconds a refused client should wait: the queued work at the average job time, 1–60 s.
-    fn retry_after(&self, depth: usize) -> u64 {
-        let avg = f64::from_bits(self.inner.counters.avg_job_secs.load(Ordering::Relaxed));
-        let est = avg * (depth as f64 + 1.0);
-        (est.ceil() as u64).clamp(1, 60)
+    /// Queue a job; refuses at once when it can never fit the memory budget or the queue is
+    /// full. The returned handle carries the job's events.
+    pub fn submit(&self, job: Job) -> Result<Arc<JobHandle>, SubmitError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let reg = self.registry()?;
+        let name = job.model.clone().unwrap_or_else(|| reg.default.clone());
+        let (_, model) = reg.models.get(&name).ok_or_else(|| SubmitError::UnknownModel(name.clone()))?;
+        let est = estimate(model.as_ref(), &job, &self.inner.opts);
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
+        let handle = JobHandle::new(seq);
+        let c = &self.inner.counters;
+        let mut d = self.inner.dispatch.lock().unwrap();
+        match d.admission.offer(seq, est.bytes, est.cost) {
+            Ok(()) => {}
+            Err(queue::Refusal::TooLarge { bytes, budget }) => {
+                c.rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::MEMORY_REJECTED).increment(1);
+                let field = if job.steering.spec.latents_per_image() > 1 {
+                    "steering"
+                } else if job.params.n > 1 {
+                    "n"
+                } else if matches!(job.steering.spec, SteeringSpec::Reno(_)) {
+                    "steps"
+                } else {
+                    "size"
+                };
+                return Err(SubmitError::TooLarge {
+                    needed_mib: bytes.div_ceil(1 << 20),
+                    budget_mib: budget >> 20,
+                    field,
+                });
+            }
+            Err(queue::Refusal::QueueFull { queued }) => {
+                c.rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::QUEUE_REJECTED).increment(1);
+                let retry_after_secs = retry_after(&d);
+                return Err(SubmitError::QueueFull { depth: queued, retry_after_secs });
+            }
+        }
+        handle.push(JobEvent::Queued);
+        d.waiting.insert(
+            seq,
+            Waiting { job, model: model.clone(), model_name: name, handle: handle.clone(), estimate: est },
+        );
+        metrics::gauge!(m::QUEUE_DEPTH).set(d.admission.queued() as f64);
+        metrics::gauge!(m::QUEUED_COST).set(d.admission.queued_cost() as f64);
+        drop(d);
+        self.inner.live.lock().unwrap().insert(seq, handle.clone());
+        c.submitted.fetch_add(1, Ordering::Relaxed);
+        self.inner.wake.notify_all();
+        Ok(handle)
+    }
+
+    /// Cancel a job: a queued one is removed at once (its Cancelled event is sent now), a
+    /// running one stops before its next denoiser call.
+    pub fn cancel(&self, handle: &JobHandle) {
+        handle.cancel();
+        let mut d = self.inner.dispatch.lock().unwrap();
+        if d.admission.remove(handle.seq) {
+            d.waiting.remove(&handle.seq);
+            metrics::gauge!(m::QUEUE_DEPTH).set(d.admission.queued() as f64);
+            metrics::gauge!(m::QUEUED_COST).set(d.admission.queued_cost() as f64);
+            drop(d);
+            self.inner.live.lock().unwrap().remove(&handle.seq);
+            self.inner.counters.cancelled_queued.fetch_add(1, Ordering::Relaxed);
+            handle.push(JobEvent::Cancelled);
+        }
+        self.inner.wake.notify_all();
+    }
+
+    /// Seconds a client refused for load should wait: the queued and running work at the
+    /// throughput measured so far (1–120 s).
+    pub fn retry_after_secs(&self) -> u64 {
+        retry_after(&self.inner.dispatch.lock().unwrap())
     }
 
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.counters;
         let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let queued = self.inner.dispatch.lock().unwrap().admission.queued() as u64;
         EngineStats {
             submitted: l(&c.submitted),
             rejected: l(&c.rejected),
@@ -389,14 +581,50 @@ impl Engine {
             cancelled_running: l(&c.cancelled_running),
             steps: l(&c.steps),
             denoiser_evals: l(&c.denoiser_evals),
-            queued: c.queued.load(Ordering::SeqCst) as u64,
+            queued,
             in_flight: c.in_flight.load(Ordering::SeqCst) as u64,
+            ticks: l(&self.inner.gauges.ticks),
+            batch_rows: l(&self.inner.gauges.rows),
+            max_batch_rows: self.inner.gauges.max_rows.load(Ordering::SeqCst) as u64,
+            shared_ticks: l(&self.inner.gauges.shared_ticks),
         }
     }
 
-    /// Stop accepting jobs; the worker exits after the queued ones.
+    /// Stop accepting jobs; queued and running ones finish (see [`Engine::drain`]).
     pub fn shutdown(&self) {
-        self.inner.tx.lock().unwrap().take();
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+    }
+
+    /// True once [`Engine::shutdown`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Stop accepting jobs and wait up to `grace` for the queued and running ones; whatever is
+    /// left then is cancelled. Returns true when everything finished in time.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.shutdown();
+        let t0 = Instant::now();
+        loop {
+            if self.inner.live.lock().unwrap().is_empty() {
+                return true;
+            }
+            if t0.elapsed() >= grace {
+                self.cancel_all();
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Cancel every queued and running job.
+    pub fn cancel_all(&self) {
+        let live: Vec<Arc<JobHandle>> = self.inner.live.lock().unwrap().values().cloned().collect();
+        for h in live {
+            self.cancel(&h);
+        }
     }
 
     pub fn options(&self) -> &EngineOptions {
@@ -404,217 +632,309 @@ impl Engine {
     }
 }
 
-fn worker(inner: std::sync::Weak<Inner>, loader: Loader, rx: Receiver<QueuedJob>) {
-    let loaded =
-        std::panic::catch_unwind(AssertUnwindSafe(loader)).unwrap_or_else(|_| Err("the model loader panicked".into()));
-    let models: BTreeMap<String, Arc<dyn DiffusionModel>> = {
-        let Some(inner) = inner.upgrade() else { return };
-        match register(&inner, loaded) {
-            Ok(models) => models,
-            Err(msg) => {
-                tracing::error!("model loading failed: {msg}");
-                *inner.state.write().unwrap() = EngineState::Failed(msg);
-                return;
-            }
-        }
+fn retry_after(d: &Dispatch) -> u64 {
+    let work = (d.admission.queued_cost() + d.running_cost) as f64;
+    let secs = match d.throughput.per_sec() {
+        Some(rate) if rate > 0.0 => work / rate,
+        _ => 1.0 + d.admission.queued() as f64,
     };
-    let mut variants = {
-        let Some(inner) = inner.upgrade() else { return };
-        let o = &inner.opts;
-        VariantCache::new(o.variant_cache_bytes, o.merge_policy, o.lenient_adapters)
-    };
-    while let Ok(job) = rx.recv() {
-        let Some(inner) = inner.upgrade() else { return };
-        run_job(&inner, &models, &mut variants, job);
-    }
+    (secs.ceil() as u64).clamp(1, 120)
 }
 
-fn register(
-    inner: &Inner,
-    loaded: Result<Vec<LoadedModel>, String>,
-) -> Result<BTreeMap<String, Arc<dyn DiffusionModel>>, String> {
-    let loaded = loaded?;
-    if loaded.is_empty() {
-        return Err("no models were loaded".into());
+fn register(inner: &Inner, loaded: Result<Loaded, String>) {
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(msg) => {
+            tracing::error!("model loading failed: {msg}");
+            *inner.state.write().unwrap() = EngineState::Failed(msg);
+            return;
+        }
+    };
+    for f in &loaded.failures {
+        tracing::error!("model `{}` failed to load: {}", f.name, f.error);
+    }
+    *inner.failures.write().unwrap() = loaded.failures.clone();
+    if loaded.models.is_empty() {
+        let msg = if loaded.failures.is_empty() {
+            "no models were loaded".to_string()
+        } else {
+            let list: Vec<String> = loaded.failures.iter().map(|f| format!("{}: {}", f.name, f.error)).collect();
+            format!("no model loaded ({})", list.join("; "))
+        };
+        *inner.state.write().unwrap() = EngineState::Failed(msg);
+        return;
     }
     let mut models = BTreeMap::new();
-    let mut summaries = BTreeMap::new();
-    for lm in loaded {
+    for lm in loaded.models {
         let summary = ModelSummary {
             name: lm.name.clone(),
             info: lm.model.info().clone(),
             created: lm.created,
-            default_scheduler: crate::pipeline::default_sampler(lm.model.as_ref()),
+            default_scheduler: lm.model.info().defaults.sampler,
         };
-        summaries.insert(lm.name.clone(), summary);
-        models.insert(lm.name, lm.model);
+        models.insert(lm.name, (summary, lm.model));
     }
+    let names = || models.keys().cloned().collect::<Vec<_>>().join(", ");
     let default = match &inner.opts.default_model {
-        Some(d) if summaries.contains_key(d) => d.clone(),
+        Some(d) if models.contains_key(d) => d.clone(),
         Some(d) => {
-            return Err(format!(
-                "default model `{d}` is not among the loaded models ({})",
-                summaries.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        }
-        // The embedded shapes-world model when it is there, else the first by name.
-        None if summaries.contains_key(crate::config::EMBEDDED_DEFAULT_MODEL) => {
-            crate::config::EMBEDDED_DEFAULT_MODEL.to_string()
-        }
-        None => summaries.keys().next().cloned().expect("non-empty"),
-    };
-    tracing::info!(
-        "loaded {} model(s): {} (default: {default})",
-        summaries.len(),
-        summaries.keys().cloned().collect::<Vec<_>>().join(", ")
-    );
-    metrics::gauge!(m::MODELS_LOADED).set(summaries.len() as f64);
-    *inner.registry.write().unwrap() = Some(Arc::new(Registry { models: summaries, default }));
-    *inner.state.write().unwrap() = EngineState::Ready;
-    Ok(models)
-}
-
-fn run_job(
-    inner: &Inner,
-    models: &BTreeMap<String, Arc<dyn DiffusionModel>>,
-    variants: &mut VariantCache,
-    job: QueuedJob,
-) {
-    let c = &inner.counters;
-    let left = c.queued.fetch_sub(1, Ordering::SeqCst) - 1;
-    metrics::gauge!(m::QUEUE_DEPTH).set(left as f64);
-    let label = job.model.clone();
-    let queue_wait = job.enqueued.elapsed();
-    metrics::histogram!(m::QUEUE_WAIT).record(queue_wait.as_secs_f64());
-
-    if job.cancel.load(Ordering::SeqCst) {
-        c.cancelled_queued.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::JOBS, "model" => label, "outcome" => "cancelled").increment(1);
-        let _ = job.reply.send(Err(JobError::Cancelled));
-        return;
-    }
-    let Some(base) = models.get(&job.model) else {
-        c.failed.fetch_add(1, Ordering::Relaxed);
-        let _ = job.reply.send(Err(JobError::Failed(format!("model `{}` is not loaded", job.model))));
-        return;
-    };
-    let steps = crate::pipeline::resolve(base.as_ref(), &job.params).steps;
-    let (model, variant) = match variants.get_for_steps(&job.model, base, &job.adapters, Some(steps)) {
-        Ok(v) => v,
-        Err(e) => {
-            metrics::counter!(m::JOBS, "model" => label, "outcome" => "invalid").increment(1);
-            let _ = job.reply.send(Err(JobError::Invalid { field: "adapters".into(), message: e.to_string() }));
+            let msg = match loaded.failures.iter().find(|f| &f.name == d) {
+                Some(f) => format!("the default model `{d}` failed to load: {}", f.error),
+                None => format!("default model `{d}` is not among the loaded models ({})", names()),
+            };
+            tracing::error!("{msg}");
+            *inner.state.write().unwrap() = EngineState::Failed(msg);
             return;
         }
+        // The embedded shapes-world model when it is there, else the first by name.
+        None if models.contains_key(crate::config::EMBEDDED_DEFAULT_MODEL) => {
+            crate::config::EMBEDDED_DEFAULT_MODEL.to_string()
+        }
+        None => models.keys().next().cloned().expect("non-empty"),
+    };
+    tracing::info!("loaded {} model(s): {} (default: {default})", models.len(), names());
+    metrics::gauge!(m::MODELS_LOADED).set(models.len() as f64);
+    *inner.registry.write().unwrap() = Some(Arc::new(Registry { models, default }));
+    *inner.state.write().unwrap() = EngineState::Ready;
+}
+
+/// Admit jobs as memory frees up; each admitted job gets a thread.
+fn dispatcher(weak: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let mut d = inner.dispatch.lock().unwrap();
+        while let Some((seq, bytes)) = d.admission.admit_next() {
+            let Some(w) = d.waiting.remove(&seq) else {
+                d.admission.finish(bytes);
+                continue;
+            };
+            metrics::gauge!(m::QUEUE_DEPTH).set(d.admission.queued() as f64);
+            metrics::gauge!(m::QUEUED_COST).set(d.admission.queued_cost() as f64);
+            metrics::gauge!(m::RUNNING_BYTES).set(d.admission.running_bytes() as f64);
+            if d.admission.running() == 1 {
+                d.throughput.busy_since = Some(Instant::now());
+            }
+            d.running_cost += w.estimate.cost;
+            let inner2 = inner.clone();
+            // Count the job as active before its thread starts, so the scheduler waits for it.
+            inner.gauges.active_jobs.fetch_add(1, Ordering::SeqCst);
+            inner.counters.in_flight.fetch_add(1, Ordering::SeqCst);
+            let spawned =
+                std::thread::Builder::new().name(format!("tiller-job-{seq}")).spawn(move || run_job(&inner2, w, bytes));
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a job thread: {e}");
+                inner.gauges.active_jobs.fetch_sub(1, Ordering::SeqCst);
+                inner.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+                d.admission.finish(bytes);
+            }
+        }
+        let idle = d.admission.queued() == 0 && d.admission.running() == 0;
+        if inner.stopping.load(Ordering::SeqCst) && idle {
+            // Let the scheduler exit once the last job thread drops its sender.
+            inner.forward_tx.lock().unwrap().take();
+            return;
+        }
+        let (d, _) = inner.wake.wait_timeout(d, Duration::from_millis(200)).unwrap();
+        drop(d);
+    }
+}
+
+/// The steps after which previews are decoded: `count` evenly spaced steps before the last.
+pub fn preview_steps(count: usize, total: usize) -> Vec<usize> {
+    let mut v: Vec<usize> =
+        (1..=count).map(|j| (total * j).div_ceil(count + 1)).filter(|&s| s >= 1 && s < total).collect();
+    v.dedup();
+    v
+}
+
+fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
+    let c = &inner.counters;
+    let handle = w.handle.clone();
+    let label = w.model_name.clone();
+    let queue_wait = handle.submitted.elapsed();
+    metrics::histogram!(m::QUEUE_WAIT).record(queue_wait.as_secs_f64());
+    metrics::gauge!(m::JOBS_IN_FLIGHT).set(c.in_flight.load(Ordering::SeqCst) as f64);
+    let t0 = Instant::now();
+    let result = if handle.is_cancelled() {
+        Err(JobEnd::Cancelled)
+    } else {
+        handle.push(JobEvent::Started);
+        std::panic::catch_unwind(AssertUnwindSafe(|| execute(inner, &w, queue_wait)))
+            .unwrap_or_else(|p| Err(JobEnd::Panic(scheduler::panic_message(&p))))
+    };
+    inner.gauges.active_jobs.fetch_sub(1, Ordering::SeqCst);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (outcome, event) = match result {
+        Ok(out) => {
+            c.completed.fetch_add(1, Ordering::Relaxed);
+            c.denoiser_evals.fetch_add(out.denoiser_evals as u64, Ordering::Relaxed);
+            metrics::counter!(m::DENOISER_EVALS, "model" => label.clone()).increment(out.denoiser_evals as u64);
+            metrics::histogram!(m::JOB_DENOISER_EVALS).record(out.denoiser_evals as f64);
+            metrics::counter!(m::REWARD_EVALS, "model" => label.clone()).increment(out.reward_evals as u64);
+            metrics::counter!(m::IMAGES, "model" => label.clone()).increment(out.images.len() as u64);
+            ("completed", JobEvent::Completed(Arc::new(out)))
+        }
+        Err(JobEnd::Cancelled) => {
+            if handle.status() == JobStatus::Queued {
+                c.cancelled_queued.fetch_add(1, Ordering::Relaxed);
+            } else {
+                c.cancelled_running.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("job {} on `{label}` cancelled", handle.id);
+            }
+            ("cancelled", JobEvent::Cancelled)
+        }
+        Err(JobEnd::Error(e)) => {
+            if !matches!(e, JobError::Invalid { .. }) {
+                c.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("job {} on `{label}` failed: {e}", handle.id);
+            }
+            (if matches!(e, JobError::Invalid { .. }) { "invalid" } else { "failed" }, JobEvent::Failed(e))
+        }
+        Err(JobEnd::Panic(msg)) => {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("job {} on `{label}` panicked: {msg}", handle.id);
+            ("failed", JobEvent::Failed(JobError::Failed(format!("internal error: {msg}"))))
+        }
+    };
+    metrics::counter!(m::JOBS, "model" => label.clone(), "outcome" => outcome).increment(1);
+    metrics::histogram!(m::JOB_DURATION, "model" => label, "outcome" => outcome).record(elapsed);
+    c.in_flight.fetch_sub(1, Ordering::SeqCst);
+    metrics::gauge!(m::JOBS_IN_FLIGHT).set(c.in_flight.load(Ordering::SeqCst) as f64);
+    {
+        let mut d = inner.dispatch.lock().unwrap();
+        d.admission.finish(bytes);
+        d.running_cost = d.running_cost.saturating_sub(w.estimate.cost);
+        if outcome == "completed" {
+            d.throughput.done_cost += w.estimate.cost;
+        }
+        if d.admission.running() == 0 {
+            if let Some(t) = d.throughput.busy_since.take() {
+                d.throughput.busy += t.elapsed();
+            }
+        }
+        metrics::gauge!(m::RUNNING_BYTES).set(d.admission.running_bytes() as f64);
+    }
+    inner.live.lock().unwrap().remove(&handle.seq);
+    handle.push(event);
+    inner.wake.notify_all();
+}
+
+enum JobEnd {
+    Cancelled,
+    Error(JobError),
+    Panic(String),
+}
+
+fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobOutput, JobEnd> {
+    let handle = &w.handle;
+    let job = &w.job;
+    let steps = crate::steering::resolve(w.model.info(), &job.params, &job.steering.spec).steps;
+    let (variant_model, variant) = {
+        let mut cache = inner.variants.lock().unwrap();
+        cache
+            .get_for_steps(&w.model_name, &w.model, &job.adapters, Some(steps))
+            .map_err(|e| JobEnd::Error(JobError::Invalid { field: "adapters".into(), message: e.to_string() }))?
     };
     if let Some(v) = &variant {
         metrics::histogram!(m::ADAPTER_VARIANT_SECONDS, "cached" => if v.cached { "true" } else { "false" })
             .record(v.build_ms / 1e3);
     }
-    let model = &model;
-
-    c.in_flight.fetch_add(1, Ordering::SeqCst);
-    metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
-    let t0 = Instant::now();
-    let per_step =
-        (crate::pipeline::evals_per_step(model.as_ref(), &job.params) * job.steering.spec.latents_per_image()) as u64;
-    let mut steps_done = 0u64;
-    let cancel = job.cancel.clone();
-    let steps_label = label.clone();
-    let mut progress = |_p: crate::pipeline::Progress| {
-        steps_done += 1;
+    // ReNO records a gradient graph through its denoiser calls: it runs them on its own thread.
+    let route = match (&job.steering.spec, inner.forward_tx.lock().unwrap().as_ref()) {
+        (SteeringSpec::Reno(_), _) | (_, None) => scheduler::Route::Direct,
+        (_, Some(tx)) => scheduler::Route::Batched(tx.clone()),
+    };
+    let model = scheduler::JobModel {
+        inner: variant_model.clone(),
+        job: handle.seq,
+        route,
+        handle: handle.clone(),
+        decode_chunk: inner.opts.decode_chunk,
+    };
+    let previews = preview_steps(job.partial_images.min(3), steps);
+    let mut next_preview = 0usize;
+    let label = w.model_name.clone();
+    let c = &inner.counters;
+    let mut progress = |p: crate::pipeline::Progress| {
         c.steps.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::DENOISING_STEPS, "model" => steps_label.clone()).increment(1);
-        !cancel.load(Ordering::SeqCst)
+        metrics::counter!(m::DENOISING_STEPS, "model" => label.clone()).increment(1);
+        handle.push(JobEvent::Step { step: p.step, total: p.total });
+        if next_preview < previews.len() && previews[next_preview] <= p.step {
+            if let Some(x0) = &p.x0 {
+                if let Some(png) = preview_png(variant_model.as_ref(), x0) {
+                    handle.push(JobEvent::Partial { index: next_preview, step: p.step, png: Arc::new(png) });
+                }
+            }
+            next_preview += 1;
+        }
+        !handle.is_cancelled()
     };
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let out = crate::steering::generate(model.as_ref(), &job.params, &job.steering, &mut progress)?;
-        let pngs = crate::util::png::encode_batch(&out.steered.decoded)
-            .map_err(|e| GenerationError::Candle(candle_core::Error::Msg(e.to_string())))?;
-        Ok::<_, GenerationError>((out, pngs))
-    }));
-    let elapsed = t0.elapsed().as_secs_f64();
-    c.in_flight.fetch_sub(1, Ordering::SeqCst);
-    metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
+    let out = match crate::steering::generate(&model, &job.params, &job.steering, &mut progress) {
+        Ok(out) => out,
+        Err(_) if handle.is_cancelled() => return Err(JobEnd::Cancelled),
+        Err(e) => return Err(JobEnd::Error(job_error(e))),
+    };
+    let pngs = crate::util::png::encode_batch(&out.steered.decoded)
+        .map_err(|e| JobEnd::Error(JobError::Failed(format!("cannot encode the images: {e}"))))?;
+    let st = out.steered;
+    let images = pngs
+        .into_iter()
+        .zip(out.seeds.iter())
+        .zip(st.images)
+        .map(|((png, &seed), img)| GeneratedImage {
+            png,
+            seed,
+            reward: img.reward,
+            trace: img.trace,
+            optimized_noise: img.optimized_noise,
+        })
+        .collect();
+    Ok(JobOutput {
+        model: w.model_name.clone(),
+        images,
+        params: out.params,
+        denoiser_evals: st.denoiser_evals,
+        reward_evals: st.reward_evals,
+        timings: st.timings,
+        queue_ms: queue_wait.as_secs_f64() * 1e3,
+        prompt_truncated: st.prompt_truncated,
+        method: job.steering.spec.method(),
+        reward: job.steering.reward.as_ref().map(|r| r.name().to_string()),
+        variant,
+    })
+}
 
-    let (outcome, reply) = match result {
-        Ok(Ok((out, pngs))) => {
-            c.completed.fetch_add(1, Ordering::Relaxed);
-            let st = out.steered;
-            c.denoiser_evals.fetch_add(st.denoiser_evals as u64, Ordering::Relaxed);
-            metrics::counter!(m::DENOISER_EVALS, "model" => label.clone()).increment(st.denoiser_evals as u64);
-            metrics::counter!(m::REWARD_EVALS, "model" => label.clone()).increment(st.reward_evals as u64);
-            metrics::counter!(m::IMAGES, "model" => label.clone()).increment(pngs.len() as u64);
-            // Exponential moving average of completed job times for Retry-After.
-            let prev = f64::from_bits(c.avg_job_secs.load(Ordering::Relaxed));
-            let avg = if prev == 0.0 { elapsed } else { 0.8 * prev + 0.2 * elapsed };
-            c.avg_job_secs.store(avg.to_bits(), Ordering::Relaxed);
-            let images = pngs
-                .into_iter()
-                .zip(out.seeds.iter())
-                .zip(st.images)
-                .map(|((png, &seed), img)| GeneratedImage {
-                    png,
-                    seed,
-                    reward: img.reward,
-                    trace: img.trace,
-                    optimized_noise: img.optimized_noise,
-                })
-                .collect();
-            let output = JobOutput {
-                model: label.clone(),
-                images,
-                params: out.params,
-                denoiser_evals: st.denoiser_evals,
-                reward_evals: st.reward_evals,
-                timings: st.timings,
-                queue_ms: queue_wait.as_secs_f64() * 1e3,
-                prompt_truncated: st.prompt_truncated,
-                method: job.steering.spec.method(),
-                reward: job.steering.reward.as_ref().map(|r| r.name().to_string()),
-                variant,
-            };
-            ("completed", Ok(output))
-        }
-        Ok(Err(GenerationError::Cancelled(step))) => {
-            c.cancelled_running.fetch_add(1, Ordering::Relaxed);
-            let evals = per_step * steps_done;
-            c.denoiser_evals.fetch_add(evals, Ordering::Relaxed);
-            metrics::counter!(m::DENOISER_EVALS, "model" => label.clone()).increment(evals);
-            tracing::info!("job on `{label}` cancelled after step {step}");
-            ("cancelled", Err(JobError::Cancelled))
-        }
-        Ok(Err(GenerationError::InvalidInput { field, message })) => {
-            ("invalid", Err(JobError::Invalid { field: field.to_string(), message }))
-        }
-        Ok(Err(GenerationError::Reward(e))) => {
-            c.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("job on `{label}`: {e}");
-            let reply = match e {
-                RewardError::Invalid { field, message } => JobError::Invalid { field, message },
-                RewardError::Upstream { .. } => JobError::Upstream(e.to_string()),
-                RewardError::Timeout { .. } => JobError::UpstreamTimeout(e.to_string()),
-                RewardError::Candle(e) => JobError::Failed(e.to_string()),
-            };
-            ("failed", Err(reply))
-        }
-        Ok(Err(GenerationError::Candle(e))) => {
-            c.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("job on `{label}` failed: {e}");
-            ("failed", Err(JobError::Failed(e.to_string())))
-        }
-        Err(panic) => {
-            c.failed.fetch_add(1, Ordering::Relaxed);
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!("job on `{label}` panicked: {msg}");
-            ("failed", Err(JobError::Failed(format!("internal error: {msg}"))))
-        }
-    };
-    metrics::counter!(m::JOBS, "model" => label.clone(), "outcome" => outcome).increment(1);
-    metrics::histogram!(m::JOB_DURATION, "model" => label, "outcome" => outcome).record(elapsed);
-    let _ = job.reply.send(reply);
+/// Decode row 0 of `x0` to a PNG (a preview; failures only skip it).
+fn preview_png(model: &dyn DiffusionModel, x0: &candle_core::Tensor) -> Option<Vec<u8>> {
+    let img = model.decode(&x0.narrow(0, 0, 1).ok()?).ok()?;
+    crate::util::png::encode_batch(&img).ok()?.into_iter().next()
+}
+
+fn job_error(e: GenerationError) -> JobError {
+    match e {
+        GenerationError::Cancelled(_) => JobError::Cancelled,
+        GenerationError::InvalidInput { field, message } => JobError::Invalid { field: field.to_string(), message },
+        GenerationError::Reward(e) => match e {
+            RewardError::Invalid { field, message } => JobError::Invalid { field, message },
+            RewardError::Upstream { .. } => JobError::Upstream(e.to_string()),
+            RewardError::Timeout { .. } => JobError::UpstreamTimeout(e.to_string()),
+            RewardError::Candle(e) => JobError::Failed(e.to_string()),
+        },
+        GenerationError::Candle(e) => JobError::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preview_steps;
+
+    #[test]
+    fn previews_are_spread_before_the_last_step() {
+        assert_eq!(preview_steps(0, 20), Vec::<usize>::new());
+        assert_eq!(preview_steps(1, 20), vec![10]);
+        assert_eq!(preview_steps(3, 20), vec![5, 10, 15]);
+        assert_eq!(preview_steps(3, 4), vec![1, 2, 3]);
+        assert_eq!(preview_steps(3, 2), vec![1]);
+        assert_eq!(preview_steps(2, 1), Vec::<usize>::new());
+    }
 }

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
 use crate::error::TillerError;
-use crate::models::{DiffusionModel, ModelInfo, PredictionType, PromptEmbedding};
+use crate::models::{DiffusionModel, ModelInfo, PredictionType, PromptEmbedding, SamplingDefaults};
 use crate::sampling::schedule::{np_interp_index, NoiseSchedule};
 use crate::sampling::SchedulerConfig;
 
@@ -158,6 +158,7 @@ impl GaussianMixtureModel {
 
         let scheduler = SchedulerConfig::from_json(&cfg.scheduler.to_string())
             .map_err(|e| bad("scheduler", format!("not a scheduler config: {e}")))?;
+        scheduler.family().map_err(|m| bad("scheduler._class_name", m))?;
         if !matches!(scheduler.prediction_type, PredictionType::Epsilon) {
             return Err(bad("scheduler.prediction_type", "the analytic model predicts epsilon".into()));
         }
@@ -171,6 +172,7 @@ impl GaussianMixtureModel {
             latent_channels: c,
             vae_scale_factor: 1,
             default_size: (h, w),
+            defaults: SamplingDefaults::derive(&scheduler, false, 0),
             scheduler,
             guidance_embedding: false,
             max_prompt_tokens: 0,
@@ -255,17 +257,39 @@ impl DiffusionModel for GaussianMixtureModel {
         Ok(None)
     }
 
-    fn predict(&self, x: &Tensor, timestep: f64, _ctx: &PromptEmbedding, _cond: Option<&Tensor>) -> Result<Tensor> {
+    fn predict(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        _ctx: &PromptEmbedding,
+        _cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if (c, h, w) != self.shape {
             candle_core::bail!("latents {:?} do not match the model's {:?}", (c, h, w), self.shape);
         }
-        let abar = self.abar(timestep);
-        let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+        let ts = timesteps.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if ts.len() != b {
+            candle_core::bail!("{} timesteps for {b} rows", ts.len());
+        }
         let flat = x.reshape((b, c * h * w))?;
-        let mean = self.posterior_mean(&flat, a, s)?;
-        // ε* = (x − a·E[x0|x]) / s
-        let eps = ((flat - (mean * a)?)? / s)?;
+        // Rows at the same timestep share one call; rows are independent, so the split is exact.
+        let mut rows = Vec::with_capacity(b);
+        let mut start = 0;
+        while start < b {
+            let mut end = start + 1;
+            while end < b && ts[end] == ts[start] {
+                end += 1;
+            }
+            let abar = self.abar(ts[start]);
+            let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+            let part = flat.narrow(0, start, end - start)?;
+            let mean = self.posterior_mean(&part, a, s)?;
+            // ε* = (x − a·E[x0|x]) / s
+            rows.push(((part - (mean * a)?)? / s)?);
+            start = end;
+        }
+        let eps = if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? };
         eps.reshape((b, c, h, w))
     }
 

@@ -20,16 +20,11 @@ pub mod weights;
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::sampling::SchedulerConfig;
+use crate::sampling::{SamplerKind, SchedulerConfig};
 
-/// What the network predicts (diffusers' `prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
-    Sample,
-}
+/// Re-exported for callers that name it with the models; it lives with the samplers, which
+/// interpret it.
+pub use crate::sampling::PredictionType;
 
 /// Static facts about a loaded model that the engine, validation and samplers need.
 #[derive(Debug, Clone)]
@@ -49,6 +44,62 @@ pub struct ModelInfo {
     pub guidance_embedding: bool,
     /// Maximum prompt length in tokens (including start/end tokens); 0 when prompts are ignored.
     pub max_prompt_tokens: usize,
+    /// What a request that names none of them gets: sampler, steps and guidance scale.
+    pub defaults: SamplingDefaults,
+}
+
+/// A model's sampling defaults, derived once at load from its scheduler config and UNet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    pub sampler: SamplerKind,
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+impl SamplingDefaults {
+    /// The defaults of the pipelines that ship such models: LCM → 4 steps (guidance 8.5 through
+    /// the embedding, 1.0 without one); trailing-spaced Euler (SD-Turbo) → 1 step without
+    /// guidance; otherwise 50 steps at 7.5, or at 1.0 for models that ignore prompts (guidance
+    /// would only double the work).
+    pub fn derive(scheduler: &SchedulerConfig, guidance_embedding: bool, max_prompt_tokens: usize) -> Self {
+        let sampler = scheduler.default_sampler();
+        let (steps, guidance_scale) = Self::for_sampler(sampler, scheduler, guidance_embedding, max_prompt_tokens);
+        Self { sampler, steps, guidance_scale }
+    }
+
+    /// Steps and guidance when a request picks `sampler` but not the numbers.
+    pub fn for_sampler(
+        sampler: SamplerKind,
+        scheduler: &SchedulerConfig,
+        guidance_embedding: bool,
+        max_prompt_tokens: usize,
+    ) -> (usize, f64) {
+        let turbo = scheduler.timestep_spacing == Some(crate::sampling::TimestepSpacing::Trailing)
+            && matches!(sampler, SamplerKind::Euler | SamplerKind::EulerAncestral);
+        match sampler {
+            SamplerKind::Lcm => (4, if guidance_embedding { 8.5 } else { 1.0 }),
+            _ if turbo => (1, 0.0),
+            _ if max_prompt_tokens == 0 => (50, 1.0),
+            _ => (50, 7.5),
+        }
+    }
+}
+
+impl ModelInfo {
+    /// Steps and guidance for a request that chose `sampler` (the model's own defaults when it is
+    /// the model's default sampler).
+    pub fn defaults_for(&self, sampler: SamplerKind) -> (usize, f64) {
+        if sampler == self.defaults.sampler {
+            return (self.defaults.steps, self.defaults.guidance_scale);
+        }
+        SamplingDefaults::for_sampler(sampler, &self.scheduler, self.guidance_embedding, self.max_prompt_tokens)
+    }
+}
+
+/// A (batch,) f32 tensor holding timestep `t` for every row: the per-row timesteps
+/// [`DiffusionModel::predict`] takes, for callers whose rows share one step.
+pub fn timesteps(t: f64, batch: usize, device: &Device) -> Result<Tensor> {
+    Tensor::full(t as f32, batch, device)
 }
 
 /// Per-prompt conditioning produced by [`DiffusionModel::encode_prompts`].
@@ -76,11 +127,12 @@ pub trait DiffusionModel: Send + Sync {
     fn guidance_embedding(&self, guidance_scale: f64, batch: usize) -> Result<Option<Tensor>>;
 
     /// Raw network output (noise, velocity or sample, per [`ModelInfo::scheduler`]) for a batch
-    /// of scaled model inputs at one timestep.
+    /// of scaled model inputs. `timesteps` is (batch,) f32, one timestep per row, so one forward
+    /// can hold rows at different steps of different requests.
     fn predict(
         &self,
         x: &Tensor,
-        timestep: f64,
+        timesteps: &Tensor,
         context: &PromptEmbedding,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor>;
@@ -88,6 +140,19 @@ pub trait DiffusionModel: Send + Sync {
     /// Decode final latents (before VAE scaling) into images in [0, 1], NCHW f32, unclamped
     /// values clamped. Differentiable in f32.
     fn decode(&self, latents: &Tensor) -> Result<Tensor>;
+
+    /// Upper estimate of the bytes one row of a denoiser forward needs at latent size `h`×`w`
+    /// (what admission control adds up). The default suits analytic models: a few copies of
+    /// the row.
+    fn forward_bytes_per_row(&self, h: usize, w: usize) -> u64 {
+        (self.info().latent_channels * h * w * 4 * 16) as u64
+    }
+
+    /// Upper estimate of the bytes decoding one latent of `h`×`w` needs.
+    fn decode_bytes_per_image(&self, h: usize, w: usize) -> u64 {
+        let f = self.info().vae_scale_factor;
+        ((3 + self.info().latent_channels) * h * w * f * f * 4 * 8) as u64
+    }
 
     /// The adaptable weights (LoRA targets); `None` for models that take no adapters.
     fn adapter_targets(&self) -> Option<&crate::adapters::TargetIndex> {

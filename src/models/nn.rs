@@ -98,10 +98,26 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        for l in &self.lora {
-            y = (y + (x2.matmul(&l.down.t()?)?.matmul(&l.up.t()?)? * l.scale)?)?;
-        }
+        // One matrix product per sample (the leading dimension), never one over the stacked
+        // batch: gemm's blocking and kernel choice depend on the row count, so a sample's output
+        // would otherwise change with what else is in the batch. Per-sample products keep every
+        // row's reduction order fixed, which is what lets the engine batch requests without
+        // changing their bytes.
+        let samples = if dims.len() >= 2 { dims[0].max(1) } else { 1 };
+        let per = rows / samples;
+        let product = |a: &Tensor| -> Result<Tensor> {
+            let mut y = a.matmul(&self.weight.t()?)?;
+            for l in &self.lora {
+                y = (y + (a.matmul(&l.down.t()?)?.matmul(&l.up.t()?)? * l.scale)?)?;
+            }
+            Ok(y)
+        };
+        let y = if samples == 1 {
+            product(&x2)?
+        } else {
+            let parts = (0..samples).map(|i| product(&x2.narrow(0, i * per, per)?)).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -14,7 +14,7 @@ use super::tokenizer::ClipTokenizer;
 use super::unet_2d::{UNet2DConditionModel, UNet2DConfig};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
 use super::weights::{in_component, load_component, read_config};
-use super::{DiffusionModel, ModelInfo, PromptEmbedding};
+use super::{DiffusionModel, ModelInfo, PromptEmbedding, SamplingDefaults};
 use crate::adapters::apply::WeightedLayers;
 use crate::adapters::{Component, TargetIndex};
 use crate::error::{Result as TResult, TillerError};
@@ -90,7 +90,8 @@ impl StableDiffusion {
         let (dtype, device) = (opts.dtype, &opts.device);
 
         let sched_path = component_dir(dir, "scheduler")?.join("scheduler_config.json");
-        let scheduler: SchedulerConfig = read_config(&sched_path)?;
+        let scheduler = SchedulerConfig::from_file(&sched_path)?;
+        scheduler.family().map_err(|m| TillerError::file(&sched_path, m))?;
 
         let tokenizer = ClipTokenizer::from_dir(&component_dir(dir, "tokenizer")?)?;
 
@@ -132,9 +133,10 @@ impl StableDiffusion {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: f,
             default_size: (side, side),
-            scheduler,
+            scheduler: scheduler.clone(),
             guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
             max_prompt_tokens: tokenizer.max_len(),
+            defaults: SamplingDefaults::derive(&scheduler, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len()),
         };
         Ok(Self {
             info,
@@ -287,17 +289,25 @@ impl DiffusionModel for StableDiffusion {
     fn predict(
         &self,
         x: &Tensor,
-        timestep: f64,
+        timesteps: &Tensor,
         context: &PromptEmbedding,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
         let out = self.unet.forward(
             &x.to_dtype(self.dtype)?,
-            timestep,
+            timesteps,
             &context.hidden_states.to_dtype(self.dtype)?,
             timestep_cond,
         )?;
         out.to_dtype(x.dtype())
+    }
+
+    fn forward_bytes_per_row(&self, h: usize, w: usize) -> u64 {
+        self.unet.forward_bytes_per_row(h, w)
+    }
+
+    fn decode_bytes_per_image(&self, h: usize, w: usize) -> u64 {
+        self.vae.config().decode_bytes_per_image(h, w)
     }
 
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {

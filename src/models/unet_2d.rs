@@ -16,7 +16,7 @@ pub enum PerBlock<T> {
 }
 
 impl<T: Clone> PerBlock<T> {
-    fn expand(&self, n: usize, field: &str) -> Result<Vec<T>> {
+    pub(crate) fn expand(&self, n: usize, field: &str) -> Result<Vec<T>> {
         match self {
             PerBlock::One(v) => Ok(vec![v.clone(); n]),
             PerBlock::Each(v) if v.len() == n => Ok(v.clone()),
@@ -611,18 +611,55 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// Predict the network output for `sample` (B, C, H, W) at one timestep, with
-    /// cross-attention `context` (B, L, D) and, for LCM-distilled UNets, `timestep_cond` (B, P).
+    /// Upper estimate of the memory one row of a forward pass needs at latent size `h`×`w`, in
+    /// bytes (f32 activations): the skip connections kept for the up path, a working set of the
+    /// largest feature map (GroupNorm, SiLU, the im2col buffer of a 3×3 convolution over the
+    /// concatenated up-path input), and the attention scores, which this implementation
+    /// materialises per head (N² per head, with the scaled copy and the softmax beside them).
+    pub fn forward_bytes_per_row(&self, h: usize, w: usize) -> u64 {
+        let c = &self.config;
+        let n = c.block_out_channels.len();
+        let lpb = c.layers_per_block.expand(n, "layers_per_block").unwrap_or_else(|_| vec![2; n]);
+        let heads = c
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&c.attention_head_dim)
+            .expand(n, "attention_head_dim")
+            .unwrap_or_else(|_| vec![8; n]);
+        let (mut widest, mut skips, mut scores) = (0u64, 0u64, 0u64);
+        let (mut lh, mut lw) = (h as u64, w as u64);
+        for l in 0..n {
+            let tokens = lh * lw;
+            let ch = c.block_out_channels[l] as u64;
+            widest = widest.max(ch * tokens);
+            skips += (lpb[l] as u64 + 1) * ch * tokens;
+            let attends = c.down_block_types.get(l).is_some_and(|t| t.contains("CrossAttn"))
+                || (l + 1 == n && c.mid_block_type.as_deref().is_none_or(|t| t.contains("CrossAttn")));
+            if attends {
+                scores = scores.max(heads[l] as u64 * tokens * tokens);
+            }
+            lh = lh.div_ceil(2);
+            lw = lw.div_ceil(2);
+        }
+        4 * (48 * widest + skips + 3 * scores)
+    }
+
+    /// Predict the network output for `sample` (B, C, H, W) at `timesteps` (B,), one per row,
+    /// with cross-attention `context` (B, L, D) and, for LCM-distilled UNets, `timestep_cond`
+    /// (B, P).
     pub fn forward(
         &self,
         sample: &Tensor,
-        timestep: f64,
+        timesteps: &Tensor,
         context: &Tensor,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let dtype = sample.dtype();
-        let t = Tensor::full(timestep as f32, b, sample.device())?;
+        if timesteps.dims() != [b] {
+            candle_core::bail!("timesteps {:?} must be one per row of the {b}-row sample", timesteps.dims());
+        }
+        let t = timesteps.to_dtype(candle_core::DType::F32)?;
         let t_emb = timestep_embedding(
             &t,
             self.config.block_out_channels[0],

@@ -64,6 +64,23 @@ fn d_true() -> bool {
 
 impl AutoencoderKLConfig {
     /// Pixels per latent pixel: 2^(number of blocks − 1).
+    /// Upper estimate of the memory decoding one latent of `h`×`w` needs, in bytes (f32): a
+    /// working set of the largest feature map (full resolution, widest decoder channels there),
+    /// the mid block's single-head attention over the h·w latent pixels, and the image itself.
+    pub fn decode_bytes_per_image(&self, h: usize, w: usize) -> u64 {
+        let levels = self.block_out_channels.len();
+        let (mut widest, mut lh, mut lw) = (0u64, h as u64, w as u64);
+        for l in (0..levels).rev() {
+            widest = widest.max(self.block_out_channels[l] as u64 * lh * lw);
+            if l > 0 {
+                lh *= 2;
+                lw *= 2;
+            }
+        }
+        let tokens = (h * w) as u64;
+        4 * (48 * widest + 3 * tokens * tokens + 3 * lh * lw)
+    }
+
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len().saturating_sub(1))
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
 use crate::models::{DiffusionModel, ModelInfo};
-use crate::sampling::{build_sampler, NoiseSource, Sampler, SamplerKind, SeededNoise, TimestepSpacing};
+use crate::sampling::{build_sampler, NoiseSource, Sampler, SamplerKind, SeededNoise};
 
 /// What a caller asks for; `None` fields take the model's defaults (see [`resolve`]).
 #[derive(Debug, Clone, Default)]
@@ -37,41 +37,21 @@ pub struct ResolvedParams {
     pub eta: f64,
 }
 
-/// The sampler a model's scheduler config names (`_class_name`); schedulers tiller does not
-/// implement (PNDM, DPM-Solver, ...) fall back to DDIM on the same betas.
+/// The sampler a model uses when a request names none (from its scheduler config).
 pub fn default_sampler(model: &dyn DiffusionModel) -> SamplerKind {
-    default_sampler_for(model.info())
+    model.info().defaults.sampler
 }
 
-/// [`default_sampler`] from the model's static facts.
-pub fn default_sampler_for(info: &ModelInfo) -> SamplerKind {
-    match info.scheduler.class_name.as_str() {
-        "DDPMScheduler" => SamplerKind::Ddpm,
-        "EulerDiscreteScheduler" => SamplerKind::Euler,
-        "EulerAncestralDiscreteScheduler" => SamplerKind::EulerAncestral,
-        "LCMScheduler" => SamplerKind::Lcm,
-        _ => SamplerKind::Ddim,
-    }
-}
-
-/// Apply model defaults: LCM → 4 steps (guidance 8.5 through the embedding, 1.0 without one);
-/// trailing-spaced Euler (SD-Turbo) → 1 step without guidance; otherwise 50 steps at 7.5.
+/// Apply the model's defaults (see [`crate::models::SamplingDefaults`]) to what the request
+/// left unset.
 pub fn resolve(model: &dyn DiffusionModel, p: &GenerationParams) -> ResolvedParams {
     resolve_for(model.info(), p)
 }
 
 /// [`resolve`] from the model's static facts (what request validation has).
 pub fn resolve_for(info: &ModelInfo, p: &GenerationParams) -> ResolvedParams {
-    let scheduler = p.scheduler.unwrap_or_else(|| default_sampler_for(info));
-    let turbo = info.scheduler.timestep_spacing == Some(TimestepSpacing::Trailing)
-        && matches!(scheduler, SamplerKind::Euler | SamplerKind::EulerAncestral);
-    let (steps, guidance) = match scheduler {
-        SamplerKind::Lcm => (4, if info.guidance_embedding { 8.5 } else { 1.0 }),
-        _ if turbo => (1, 0.0),
-        // Models that ignore prompts gain nothing from guidance but twice the work.
-        _ if info.max_prompt_tokens == 0 => (50, 1.0),
-        _ => (50, 7.5),
-    };
+    let scheduler = p.scheduler.unwrap_or(info.defaults.sampler);
+    let (steps, guidance) = info.defaults_for(scheduler);
     ResolvedParams {
         width: p.width.unwrap_or(info.default_size.1),
         height: p.height.unwrap_or(info.default_size.0),
@@ -83,10 +63,13 @@ pub fn resolve_for(info: &ModelInfo, p: &GenerationParams) -> ResolvedParams {
 }
 
 /// Progress reported after every denoising step. Returning `false` cancels the generation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Progress {
     pub step: usize,
     pub total: usize,
+    /// The predicted clean latents x̂0 at this step, one row per latent of the batch (image-major),
+    /// when the strategy has them; a server decodes row 0 as a preview.
+    pub x0: Option<Tensor>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -230,14 +213,16 @@ impl Conditioning {
     pub fn predict(&self, model: &dyn DiffusionModel, x: &Tensor, t: f64) -> Result<Tensor> {
         if self.cfg {
             let x2 = Tensor::cat(&[x, x], 0)?;
-            let out = model.predict(&x2, t, &self.context, self.timestep_cond.as_ref())?;
+            let ts = crate::models::timesteps(t, x2.dim(0)?, x.device())?;
+            let out = model.predict(&x2, &ts, &self.context, self.timestep_cond.as_ref())?;
             let n = x.dim(0)?;
             let uncond = out.narrow(0, 0, n)?;
             let cond = out.narrow(0, n, n)?;
             let diff = (cond - &uncond)?;
             uncond + (diff * self.guidance_scale)?
         } else {
-            model.predict(x, t, &self.context, self.timestep_cond.as_ref())
+            let ts = crate::models::timesteps(t, x.dim(0)?, x.device())?;
+            model.predict(x, &ts, &self.context, self.timestep_cond.as_ref())
         }
     }
 }
@@ -276,7 +261,7 @@ pub fn sample_latents(
         evals += x.dim(0)? * cond.evals_per_latent();
         let z = if sampler.step_needs_noise(i) { Some(noise.next(x.shape(), x.device())?) } else { None };
         x = sampler.step(&x, &out, i, z.as_ref())?;
-        if !progress(Progress { step: i + 1, total }) {
+        if !progress(Progress { step: i + 1, total, x0: None }) {
             return Err(GenerationError::Cancelled(i + 1));
         }
     }

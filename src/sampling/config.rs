@@ -2,7 +2,41 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::PredictionType;
+/// What the network predicts (diffusers' `prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+/// The family of noise schedules a scheduler class samples. Every sampler tiller has runs on a
+/// variance-preserving schedule given by betas; flow-matching schedules (sigmas on a straight
+/// path) are a family of their own that samplers will have to say they support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleFamily {
+    /// Variance-preserving diffusion on a beta schedule (DDPM, DDIM, Euler, LCM, PNDM, ...).
+    Vp,
+}
+
+/// diffusers scheduler classes on a beta schedule that tiller does not implement step for
+/// step: a model shipping one of them is sampled with DDIM on the same betas (the usual
+/// substitution; the betas, not the solver, define the model).
+const VP_CLASSES_SAMPLED_WITH_DDIM: &[&str] = &[
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler",
+    "UniPCMultistepScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "TCDScheduler",
+];
 
 /// The sampler a request asks for. Defaults come from the model's scheduler config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
@@ -146,6 +180,30 @@ impl SchedulerConfig {
             clip_sample: Some(false),
             ..Default::default()
         }
+    }
+
+    /// The schedule family of the config's `_class_name`, or an error naming the class when tiller
+    /// cannot sample it (flow-matching and unknown classes), so a model never silently falls back
+    /// to a sampler it was not trained for. An empty class name (configs written by hand) is VP.
+    pub fn family(&self) -> std::result::Result<ScheduleFamily, String> {
+        let c = self.class_name.as_str();
+        if c.is_empty() || Self::kind_for_class(c).is_some() || VP_CLASSES_SAMPLED_WITH_DDIM.contains(&c) {
+            return Ok(ScheduleFamily::Vp);
+        }
+        if c.starts_with("FlowMatch") {
+            return Err(format!("scheduler class `{c}` is a flow-matching schedule, which tiller cannot sample yet"));
+        }
+        Err(format!(
+            "unknown scheduler class `{c}`; tiller samples DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, \
+             EulerAncestralDiscreteScheduler and LCMScheduler, and samples {} with DDIM on the same betas",
+            VP_CLASSES_SAMPLED_WITH_DDIM.join(", ")
+        ))
+    }
+
+    /// The sampler a model with this config uses when a request names none: the class's own
+    /// sampler, or DDIM for the beta-schedule classes tiller does not implement.
+    pub fn default_sampler(&self) -> SamplerKind {
+        Self::kind_for_class(&self.class_name).unwrap_or(SamplerKind::Ddim)
     }
 
     /// The sampler kind a diffusers class name maps to (None for classes tiller does not implement).

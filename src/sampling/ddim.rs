@@ -4,8 +4,8 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::NoiseSchedule;
 use super::vp::{eps_from_x0, lincomb, x0_from_output, X0Processing};
+use super::PredictionType;
 use super::Sampler;
-use crate::models::PredictionType;
 
 /// DDIM for a fixed step count.
 ///

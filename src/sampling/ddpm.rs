@@ -4,8 +4,8 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::NoiseSchedule;
 use super::vp::{lincomb, x0_from_output, X0Processing};
+use super::PredictionType;
 use super::Sampler;
-use crate::models::PredictionType;
 
 /// diffusers' fixed variance types (the learned ones need a network with 2× output channels).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

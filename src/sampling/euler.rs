@@ -4,8 +4,8 @@
 use candle_core::{Result, Tensor};
 
 use super::vp::{lincomb, match_dtype};
+use super::PredictionType;
 use super::Sampler;
-use crate::models::PredictionType;
 
 /// Euler (deterministic: diffusers' `s_churn` defaults to 0) or Euler-ancestral.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::NoiseSchedule;
 use super::vp::{lincomb, x0_from_output, X0Processing};
+use super::PredictionType;
 use super::Sampler;
-use crate::models::PredictionType;
 
 /// LCM for a fixed step count. `predict_x0` returns the consistency function's output
 /// `denoised = c_out·x̂0 + c_skip·x` (x̂0 clipped/thresholded as configured); the transition

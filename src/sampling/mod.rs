@@ -13,7 +13,7 @@ pub mod noise;
 pub mod schedule;
 pub mod vp;
 
-pub use config::{SamplerKind, SchedulerConfig, TimestepSpacing};
+pub use config::{PredictionType, SamplerKind, ScheduleFamily, SchedulerConfig, TimestepSpacing};
 pub use ddim::Ddim;
 pub use ddpm::{Ddpm, DdpmVariance};
 pub use euler::Euler;

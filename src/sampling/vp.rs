@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::models::PredictionType;
+use super::PredictionType;
 
 /// `Σ cᵢ·tᵢ` with f64 coefficients (terms with a zero coefficient are skipped unless all are).
 pub fn lincomb(terms: &[(&Tensor, f64)]) -> Result<Tensor> {

@@ -33,9 +33,11 @@ pub fn run(
     let total = sampler.num_steps();
     for i in 0..total {
         let out = r.predict(&cond, &x, i)?;
+        // x̂0 only for the progress preview; the step itself is the sampler's own.
+        let x0 = sampler.predict_x0(&x, &out, i)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(n)?) } else { None };
         x = sampler.step(&x, &out, i, z.as_ref())?;
-        tick(progress, i + 1, total)?;
+        tick(progress, i + 1, total, Some(&x0))?;
     }
     let decoded_all = r.decode(&x)?;
     let rewards = r.score_images(&decoded_all)?;

@@ -215,7 +215,7 @@ pub fn run(
         }
         let z = if sampler.step_needs_noise(i) { Some(r.noise(k)?) } else { None };
         x = sampler.transition(&x, &x0, i, z.as_ref())?;
-        tick(progress, i + 1, total)?;
+        tick(progress, i + 1, total, Some(&x0))?;
     }
 
     // Terminal weights on the actual samples.

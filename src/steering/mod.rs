@@ -405,13 +405,15 @@ pub(crate) fn gather(t: &Tensor, idx: &[u32]) -> candle_core::Result<Tensor> {
     t.index_select(&ids, 0)
 }
 
-/// Report progress; `Err(Cancelled)` when the caller asked to stop.
+/// Report progress (with the step's x̂0 when the strategy has it); `Err(Cancelled)` when the
+/// caller asked to stop.
 pub(crate) fn tick(
     progress: &mut dyn FnMut(Progress) -> bool,
     step: usize,
     total: usize,
+    x0: Option<&Tensor>,
 ) -> Result<(), GenerationError> {
-    if progress(Progress { step, total }) {
+    if progress(Progress { step, total, x0: x0.cloned() }) {
         Ok(())
     } else {
         Err(GenerationError::Cancelled(step))

@@ -274,7 +274,7 @@ pub fn run(
                 trace.push(ev);
             }
         }
-        tick(progress, it + 1, spec.iterations)?;
+        tick(progress, it + 1, spec.iterations, None)?;
     }
 
     let mut images = Vec::with_capacity(groups);

@@ -65,7 +65,7 @@ pub fn run(
         if i + 1 == total {
             let z = if sampler.step_needs_noise(i) { Some(r.noise(1)?) } else { None };
             x = sampler.transition(&x, &x0, i, z.as_ref())?;
-            tick(progress, i + 1, total)?;
+            tick(progress, i + 1, total, Some(&x0))?;
             break;
         }
         let xs = gather(&x, &repeat)?;
@@ -97,7 +97,8 @@ pub fn run(
         }
         x = gather(&cands, &rows)?;
         cached = Some(gather(&out_c, &rows)?);
-        tick(progress, i + 1, total)?;
+        let x0_chosen = gather(&x0_c, &rows)?;
+        tick(progress, i + 1, total, Some(&x0_chosen))?;
     }
 
     let decoded = r.decode(&x)?;

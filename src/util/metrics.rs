@@ -33,6 +33,21 @@ pub const DENOISING_STEPS: &str = "tiller_denoising_steps_total";
 pub const IMAGES: &str = "tiller_images_generated_total";
 /// Models loaded and ready (gauge).
 pub const MODELS_LOADED: &str = "tiller_models_loaded";
+/// Denoiser rows in each engine tick (histogram).
+pub const TICK_ROWS: &str = "tiller_batch_rows";
+/// Wall time of each engine tick's forward, in seconds (histogram).
+pub const TICK_SECONDS: &str = "tiller_tick_seconds";
+/// Estimated work waiting for admission: denoiser rows × latent elements × steps (gauge).
+pub const QUEUED_COST: &str = "tiller_queued_cost";
+/// Estimated peak memory of the running jobs, bytes (gauge).
+pub const RUNNING_BYTES: &str = "tiller_running_memory_bytes";
+/// Denoiser evaluations per finished job, counting each CFG branch (histogram).
+pub const JOB_DENOISER_EVALS: &str = "tiller_job_denoiser_evaluations";
+/// Requests refused because their memory estimate exceeds the budget (counter).
+pub const MEMORY_REJECTED: &str = "tiller_memory_rejected_total";
+
+const ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const EVAL_BUCKETS: &[f64] = &[1.0, 4.0, 10.0, 40.0, 100.0, 400.0, 1000.0, 4000.0, 10000.0];
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -47,6 +62,8 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let builder = || {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TICK_ROWS.into()), ROW_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_DENOISER_EVALS.into()), EVAL_BUCKETS))
                 .expect("non-empty buckets")
         };
         match builder().install_recorder() {
@@ -81,4 +98,10 @@ fn describe() {
     describe_counter!(DENOISING_STEPS, "Denoising steps run");
     describe_counter!(IMAGES, "Images generated");
     describe_gauge!(MODELS_LOADED, "Models loaded and ready");
+    describe_histogram!(TICK_ROWS, "Denoiser rows per engine tick (one batched forward)");
+    describe_histogram!(TICK_SECONDS, Unit::Seconds, "Wall time of each engine tick's forward");
+    describe_gauge!(QUEUED_COST, "Work waiting for admission (rows x latent elements x steps)");
+    describe_gauge!(RUNNING_BYTES, "Estimated peak memory of the running jobs");
+    describe_histogram!(JOB_DENOISER_EVALS, "Denoiser evaluations per finished job");
+    describe_counter!(MEMORY_REJECTED, "Requests refused because they would not fit the memory budget");
 }

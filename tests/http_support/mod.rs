@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use tiller::api::{router, AppState};
 use tiller::config::Config;
 use tiller::engine::{Engine, EngineOptions, LoadedModel};
-use tiller::models::{DiffusionModel, ModelInfo, PromptEmbedding};
+use tiller::models::{DiffusionModel, ModelInfo, PromptEmbedding, SamplingDefaults};
 use tiller::sampling::SchedulerConfig;
 
 /// A deterministic stand-in for a diffusion model: cheap, with an optional delay per denoiser
@@ -33,6 +33,7 @@ impl MockModel {
             latent_channels: 4,
             vae_scale_factor: 8,
             default_size: (64, 64),
+            defaults: SamplingDefaults::derive(&scheduler, false, 77),
             scheduler,
             guidance_embedding: false,
             max_prompt_tokens: 77,
@@ -69,7 +70,7 @@ impl DiffusionModel for MockModel {
         Ok(None)
     }
 
-    fn predict(&self, x: &Tensor, _t: f64, context: &PromptEmbedding, _c: Option<&Tensor>) -> Result<Tensor> {
+    fn predict(&self, x: &Tensor, _t: &Tensor, context: &PromptEmbedding, _c: Option<&Tensor>) -> Result<Tensor> {
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
@@ -131,7 +132,7 @@ pub async fn start(engine: Engine, config: &Config) -> TestServer {
 pub async fn mock_server(delay: Duration, config: Config) -> TestServer {
     let engine = Engine::with_models(
         vec![LoadedModel::new("mock", MockModel::arc("mock", delay))],
-        EngineOptions { queue_depth: config.limits.queue_depth, default_model: None, ..Default::default() },
+        EngineOptions { default_model: None, ..tiller::api::engine_options(&config) },
     );
     engine.wait_ready_blocking(Duration::from_secs(10));
     start(engine, &config).await
@@ -140,6 +141,20 @@ pub async fn mock_server(delay: Duration, config: Config) -> TestServer {
 /// Path of a tiny fixture model directory.
 pub fn fixture_dir(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+}
+
+/// Copy a directory tree (fixture models into a temporary models root).
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
 }
 
 /// Decode a base64 PNG; returns (width, height, RGB bytes).
