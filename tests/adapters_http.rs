@@ -103,6 +103,13 @@ async fn paths_must_resolve_inside_the_root() {
         let (st, body) = register(&s, json!({"path": "alias.safetensors"})).await;
         assert_eq!(st, 201, "{body}");
         assert_eq!(body["name"], "alias");
+        // The start-up scan confines the same way: a server started on this root finds `alias`
+        // but not the links that lead out of it.
+        let s2 = mock_server(Duration::ZERO, config_with_root(root.path())).await;
+        let list: serde_json::Value = s2.get("/v1/adapters").await.json().await.unwrap();
+        let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+        assert!(names.contains(&"alias"), "{names:?}");
+        assert!(!names.contains(&"link") && !names.contains(&"linkdir"), "{names:?}");
     }
     // Subdirectories and absolute paths inside the root are fine.
     let (st, body) = register(&s, json!({"path": "sub/ok.safetensors"})).await;

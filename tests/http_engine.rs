@@ -222,11 +222,17 @@ async fn requests_beyond_the_memory_budget_or_the_model_size_are_422() {
     // The mock model is 64×64 natively: 128×128 is the largest size by default.
     let (st, body) = s.generate(json!({"prompt": "p", "size": "136x136", "steps": 1})).await;
     assert_error(st, &body, 422, Some("size"));
-    // 64 particles × 10 images at 128×128 do not fit 20 MiB.
-    let (st, body) = s
-        .generate(json!({"prompt": "p", "size": "128x128", "n": 10, "steps": 1,
-            "steering": {"method": "best_of_n", "n": 64}, "reward": "brightness"}))
+    // 64 particles × 10 images at 128×128 do not fit 20 MiB; a retry would not either, and the
+    // openai client is told so.
+    let r = s
+        .post_json(
+            "/v1/images/generations",
+            &json!({"prompt": "p", "size": "128x128", "n": 10, "steps": 1,
+                "steering": {"method": "best_of_n", "n": 64}, "reward": "brightness"}),
+        )
         .await;
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let (st, body): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
     assert_error(st, &body, 422, Some("steering"));
     assert_eq!(body["error"]["code"], "insufficient_memory");
     let (st, _) = s.generate(json!({"prompt": "p", "size": "64x64", "steps": 1})).await;
@@ -261,9 +267,12 @@ async fn request_edges_found_by_attacking_the_api() {
     let big = json!({"path": "x".repeat(100_000)});
     let r = s.post_json("/v1/adapters", &big).await;
     assert_eq!(r.status().as_u16(), 413);
-    // Failures that a retry would repeat say so to the openai client.
     let (st, body) = s.generate(json!({"prompt": "p", "partial_images": 4})).await;
     assert_error(st, &body, 422, Some("partial_images"));
+    // A reward weight that is finite in f64 but would overflow the f32 scores.
+    let (st, body) =
+        s.generate(json!({"prompt": "p", "steps": 1, "reward": [{"name": "brightness", "weight": 1e300}]})).await;
+    assert_error(st, &body, 422, Some("reward[0].weight"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

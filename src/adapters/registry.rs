@@ -67,6 +67,17 @@ impl AdapterRegistry {
         }
         found.sort();
         for (name, path) in found {
+            // The same confinement as POST /v1/adapters: a symlink in the root that leads out
+            // of it is not followed at start-up either.
+            let inside = path.canonicalize().is_ok_and(|real| real.starts_with(&root));
+            if !inside {
+                tracing::warn!(
+                    "adapter file {} skipped: it resolves outside the adapters root {} (symlinks are followed)",
+                    path.display(),
+                    root.display()
+                );
+                continue;
+            }
             if !valid_name(&name) {
                 tracing::warn!("adapter file {} skipped: `{name}` is not a valid adapter name", path.display());
                 continue;

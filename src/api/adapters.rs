@@ -145,6 +145,8 @@ pub async fn get_adapter(
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong admin key (`server.admin_key`; the API key when no admin key is set)", body = ErrorResponse),
         (status = 409, description = "An adapter of that name exists (send `replace: true`, or DELETE it first)", body = ErrorResponse),
+        (status = 413, description = "Body larger than 64 KiB (it names a file; it does not carry one)", body = ErrorResponse),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
         (status = 422, description = "Bad field, a path outside the adapters root (`..`, symlinks leading out), or a malformed file; `error.param` names the field and the message the problem", body = ErrorResponse),
         (status = 500, description = "The file could not be read", body = ErrorResponse),
         (status = 503, description = "No adapters root: `adapters.root` does not exist", body = ErrorResponse),

@@ -134,7 +134,7 @@ pub(crate) fn body_error(rej: BytesRejection, limit: usize) -> ApiError {
         (status = 200, description = "Generated images (PNG, base64) with tiller metadata; with `stream: true`, \
             a `text/event-stream` of `image_generation.partial_image` and `image_generation.completed` events \
             (an `error` event if the job fails after the stream started)", body = ImagesResponse,
-            content((ImagesResponse = "application/json"), (CompletedImageEvent = "text/event-stream"))),
+            content((ImagesResponse = "application/json"), (SseEvent = "text/event-stream"))),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key (when `server.api_key` is set)", body = ErrorResponse),
         (status = 404, description = "Unknown model or adapter", body = ErrorResponse),

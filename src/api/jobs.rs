@@ -338,7 +338,7 @@ pub async fn delete_job(State(state): State<AppState>, Path(id): Path<String>) -
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
     ),
     responses(
-        (status = 200, description = "text/event-stream of the job's events", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream of the job's events", content_type = "text/event-stream", body = super::types::SseEvent),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown or expired job", body = ErrorResponse),
     ),

@@ -212,7 +212,6 @@ pub fn engine_options(config: &Config) -> crate::engine::EngineOptions {
         scheduler: crate::engine::SchedulerOptions {
             max_batch_rows: l.max_batch_rows,
             gather_window: Duration::from_millis(l.batch_wait_ms),
-            ..Default::default()
         },
     }
 }

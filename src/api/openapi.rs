@@ -38,6 +38,7 @@ use crate::sampling::SamplerKind;
     components(schemas(
         ImageGenerationRequest,
         ImagesResponse,
+        SseEvent,
         PartialImageEvent,
         CompletedImageEvent,
         ImageUsage,

@@ -110,6 +110,21 @@ pub struct ImageGenerationRequest {
     pub stream_progress: Option<bool>,
 }
 
+/// One Server-Sent Event as it travels: `event` names it, `data` holds its JSON
+/// ([`PartialImageEvent`], [`CompletedImageEvent`], `{"type": "tiller.progress", "step",
+/// "total"}`, `{"type": "error", "error": {...}}`, ...), and `id` numbers it on the job stream
+/// only.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SseEvent {
+    /// The event's name, equal to the `type` inside `data`.
+    pub event: String,
+    /// The event's JSON.
+    pub data: String,
+    /// `GET /v1/jobs/{id}/events` only: the position to resume after (`Last-Event-ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
 /// A preview while streaming (`event: image_generation.partial_image`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PartialImageEvent {

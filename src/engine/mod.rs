@@ -218,7 +218,7 @@ pub enum SubmitError {
 }
 
 /// Counters since start-up (for tests and logs; Prometheus has the same numbers).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EngineStats {
     pub submitted: u64,
     pub rejected: u64,
@@ -239,6 +239,9 @@ pub struct EngineStats {
     pub batch_rows: u64,
     pub max_batch_rows: u64,
     pub shared_ticks: u64,
+    /// Seconds inside batched forwards, and inside whole ticks (the difference is scheduling).
+    pub forward_secs: f64,
+    pub tick_secs: f64,
 }
 
 #[derive(Default)]
@@ -587,6 +590,8 @@ impl Engine {
             batch_rows: l(&self.inner.gauges.rows),
             max_batch_rows: self.inner.gauges.max_rows.load(Ordering::SeqCst) as u64,
             shared_ticks: l(&self.inner.gauges.shared_ticks),
+            forward_secs: l(&self.inner.gauges.forward_nanos) as f64 * 1e-9,
+            tick_secs: l(&self.inner.gauges.tick_nanos) as f64 * 1e-9,
         }
     }
 

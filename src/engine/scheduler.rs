@@ -9,12 +9,11 @@
 //! it — runs one forward, and hands each call its rows back. Jobs join at the next tick and
 //! leave when they finish.
 //!
-//! Which calls share a tick ([`plan_tick`]): least attained service first (the job that has had
-//! the fewest denoiser rows so far), so a short request that arrives while a long steered job
-//! runs is served at once instead of behind it; calls whose jobs have had about as much service
-//! join the same tick (that is what batches concurrent similar requests); a call that has
-//! waited `starve_after` ticks goes first whatever its service, so long jobs always progress.
-//! A call larger than the row cap is split over several forwards.
+//! Which calls share a tick ([`plan_tick`]): all compatible pending calls, each with the same
+//! share of rows (the smallest call's size), so every running job advances at the same row rate
+//! and a short request that arrives while a long steered job runs is not charged for the long
+//! job's rows; groups of incompatible calls take turns. A call larger than its share or the
+//! row cap is split over several forwards.
 //!
 //! Batch invariance: a row's output must not depend on the other rows of its forward. The
 //! CPU kernels compute each row (each sample of a convolution, each token's matmul row, each
@@ -52,13 +51,11 @@ pub struct SchedulerOptions {
     /// How long a tick waits for running jobs that are busy elsewhere (decoding, scoring) to
     /// send their next call, before it runs with what it has.
     pub gather_window: Duration,
-    /// Ticks a call may be passed over before it goes first.
-    pub starve_after: u32,
 }
 
 impl Default for SchedulerOptions {
     fn default() -> Self {
-        Self { max_batch_rows: 16, gather_window: Duration::from_millis(5), starve_after: 8 }
+        Self { max_batch_rows: 16, gather_window: Duration::from_millis(5) }
     }
 }
 
@@ -77,39 +74,31 @@ pub struct PendingView {
 }
 
 /// Choose the calls of one tick: (index into `pending`, rows to take from it).
-pub fn plan_tick(pending: &[PendingView], max_rows: usize, starve_after: u32) -> Vec<(usize, usize)> {
-    if pending.is_empty() {
-        return Vec::new();
-    }
+///
+/// The call passed over for the most ticks leads (ties: the job with the least service, then
+/// the oldest call), so groups of incompatible calls take turns and nothing starves. Every
+/// compatible call joins it with the same share of rows — the smallest pending call's size —
+/// so jobs progress at equal row rates: on a CPU, where a forward costs about its row count,
+/// a 2-row request sharing a tick with a 16-row FK call costs 4 rows a step instead of 18,
+/// while equal requests batch completely. Larger calls are split over ticks; a tick never
+/// exceeds `max_rows` (the jobs with the least service get in first).
+pub fn plan_tick(pending: &[PendingView], max_rows: usize) -> Vec<(usize, usize)> {
     let max_rows = max_rows.max(1);
-    let mut order: Vec<usize> = (0..pending.len()).collect();
-    order.sort_by_key(|&i| (pending[i].attained, pending[i].seq));
-    let starving = pending
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.waited >= starve_after)
-        .min_by_key(|(_, p)| (std::cmp::Reverse(p.waited), p.seq))
-        .map(|(i, _)| i);
-    let head = starving.unwrap_or(order[0]);
-    let h = pending[head];
-    let mut plan = vec![(head, h.rows_left.min(max_rows))];
-    let mut room = max_rows - plan[0].1;
-    for &i in &order {
+    let rank = |p: &PendingView| (std::cmp::Reverse(p.waited), p.attained, p.seq);
+    let Some(head) = (0..pending.len()).min_by_key(|&i| rank(&pending[i])) else { return Vec::new() };
+    let key = pending[head].key;
+    let mut group: Vec<usize> = (0..pending.len()).filter(|&i| pending[i].key == key).collect();
+    group.sort_by_key(|&i| (i != head, rank(&pending[i])));
+    let share = group.iter().map(|&i| pending[i].rows_left).min().unwrap_or(1).max(1);
+    let mut room = max_rows;
+    let mut plan = Vec::with_capacity(group.len());
+    for i in group {
         if room == 0 {
             break;
         }
-        let p = &pending[i];
-        if i == head || p.key != h.key {
-            continue;
-        }
-        // Peers: jobs that have had about as much service as the head (within one full batch),
-        // or that have waited too long.
-        let peer = p.attained <= h.attained.saturating_add(max_rows as u64) || p.waited >= starve_after;
-        if peer {
-            let take = p.rows_left.min(room);
-            plan.push((i, take));
-            room -= take;
-        }
+        let take = pending[i].rows_left.min(share).min(room);
+        plan.push((i, take));
+        room -= take;
     }
     plan
 }
@@ -134,6 +123,10 @@ pub(crate) struct SchedulerGauges {
     pub max_rows: AtomicUsize,
     /// Forwards that held rows of more than one job.
     pub shared_ticks: AtomicU64,
+    /// Time inside the model's forward, and inside whole ticks (gathering, stacking, splitting
+    /// and answering included), nanoseconds: their difference is the scheduler's overhead.
+    pub forward_nanos: AtomicU64,
+    pub tick_nanos: AtomicU64,
 }
 
 /// The compatibility key: calls share a forward only when the model variant and every
@@ -200,9 +193,11 @@ pub(crate) fn run(rx: Receiver<ForwardCall>, opts: SchedulerOptions, gauges: Arc
                 waited: p.waited,
             })
             .collect();
-        let plan = plan_tick(&views, opts.max_batch_rows, opts.starve_after);
+        let tick_start = Instant::now();
+        let plan = plan_tick(&views, opts.max_batch_rows);
         let t0 = Instant::now();
         let result = forward(&pending, &plan);
+        gauges.forward_nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let rows: usize = plan.iter().map(|&(_, r)| r).sum();
         metrics::histogram!(m::TICK_ROWS).record(rows as f64);
         gauges.ticks.fetch_add(1, Ordering::Relaxed);
@@ -263,6 +258,7 @@ pub(crate) fn run(rx: Receiver<ForwardCall>, opts: SchedulerOptions, gauges: Arc
         }
         // Keep arrival order stable for the next plan (swap_remove reorders).
         pending.sort_by_key(|p| p.seq);
+        gauges.tick_nanos.fetch_add(tick_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
@@ -431,39 +427,39 @@ mod tests {
     }
 
     #[test]
-    fn similar_jobs_share_a_tick() {
-        // Eight new requests with CFG (2 rows each): one forward of 16 rows.
-        let p: Vec<_> = (0..8).map(|i| view(i, 1, 2, 2 * (i % 2), 0)).collect();
-        let plan = plan_tick(&p, 16, 8);
+    fn equal_requests_share_a_tick_whenever_they_arrived() {
+        // Eight requests with CFG (2 rows each) at different points of their runs.
+        let p: Vec<_> = (0..8).map(|i| view(i, 1, 2, 10 * i, 0)).collect();
+        let plan = plan_tick(&p, 16);
         assert_eq!(plan.len(), 8);
         assert_eq!(plan.iter().map(|x| x.1).sum::<usize>(), 16);
     }
 
     #[test]
-    fn a_new_short_request_goes_before_a_long_job() {
-        // A long FK job (16 rows a call, 480 rows served) and a new 2-row request.
+    fn a_short_request_and_a_long_job_progress_at_equal_row_rates() {
+        // A long FK job (16 rows a call) and a new 2-row request: 2 rows each, not 18.
         let p = vec![view(1, 1, 16, 480, 0), view(2, 1, 2, 0, 0)];
-        assert_eq!(plan_tick(&p, 32, 8), vec![(1, 2)], "the long job is not a peer of the new one");
+        assert_eq!(plan_tick(&p, 16), vec![(1, 2), (0, 2)]);
+        // Alone, the long job's call runs whole (up to the row cap).
+        assert_eq!(plan_tick(&p[..1], 16), vec![(0, 16)]);
+        assert_eq!(plan_tick(&[view(1, 1, 40, 0, 0)], 16), vec![(0, 16)]);
     }
 
     #[test]
-    fn a_passed_over_call_goes_first_after_starve_after_ticks() {
-        let p = vec![view(1, 1, 16, 480, 8), view(2, 1, 2, 0, 0)];
-        let plan = plan_tick(&p, 32, 8);
-        assert_eq!(plan[0], (0, 16));
-        assert_eq!(plan, vec![(0, 16), (1, 2)]);
-        // Also across keys: the starving call's key decides the tick.
-        let p = vec![view(1, 7, 4, 480, 9), view(2, 1, 2, 0, 0)];
-        assert_eq!(plan_tick(&p, 32, 8), vec![(0, 4)]);
-    }
-
-    #[test]
-    fn incompatible_calls_never_share_and_big_calls_are_split() {
+    fn incompatible_groups_take_turns() {
         let p = vec![view(1, 1, 2, 0, 0), view(2, 2, 2, 0, 0)];
-        assert_eq!(plan_tick(&p, 16, 8), vec![(0, 2)]);
-        let p = vec![view(1, 1, 40, 0, 0), view(2, 1, 2, 10, 0)];
-        assert_eq!(plan_tick(&p, 16, 8), vec![(0, 16)]);
-        let p = vec![view(1, 1, 10, 0, 0), view(2, 1, 10, 4, 0)];
-        assert_eq!(plan_tick(&p, 16, 8), vec![(0, 10), (1, 6)], "the peer fills the remaining rows");
+        assert_eq!(plan_tick(&p, 16), vec![(0, 2)], "the oldest call's group first");
+        // The passed-over call has waited a tick: its group goes next.
+        let p = vec![view(1, 1, 2, 2, 0), view(2, 2, 2, 0, 1)];
+        assert_eq!(plan_tick(&p, 16), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn the_row_cap_admits_the_least_served_first() {
+        let p: Vec<_> = (0..10).map(|i| view(i, 1, 2, 100 - i, 0)).collect();
+        let plan = plan_tick(&p, 16);
+        assert_eq!(plan.len(), 8);
+        assert!(plan.iter().all(|&(i, r)| r == 2 && i >= 2), "{plan:?}");
+        assert!(plan_tick(&[], 16).is_empty());
     }
 }

@@ -92,18 +92,28 @@ impl Linear {
     }
 }
 
+/// Largest rows × outputs product that gemm computes with its small-matrix kernels (see
+/// `gemm-common`'s dispatch): at or below it a row's rounding depends on the other rows.
+const SMALL_PRODUCT: usize = 256;
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
         let x2 = x.reshape((rows, in_dim))?;
-        // One matrix product per sample (the leading dimension), never one over the stacked
-        // batch: gemm's blocking and kernel choice depend on the row count, so a sample's output
-        // would otherwise change with what else is in the batch. Per-sample products keep every
-        // row's reduction order fixed, which is what lets the engine batch requests without
-        // changing their bytes.
+        // A sample's output must not depend on what else is in the batch (the engine stacks
+        // rows of different requests). gemm's main kernel reduces every output element in the
+        // same order whatever the row count, but for small products (rows × outputs ≤ 256) it
+        // switches to other kernels, whose rounding differs: the time-embedding layers of a
+        // 2-row batch took one path and of a 16-row batch the other. So a sample whose own
+        // product is that small is multiplied on its own; larger ones share one product.
         let samples = if dims.len() >= 2 { dims[0].max(1) } else { 1 };
+        let per = rows / samples;
+        let out_dim = self.weight.dim(0)?;
+        let small = per * out_dim <= SMALL_PRODUCT
+            || self.lora.iter().any(|l| per * l.down.dim(0).unwrap_or(0) <= SMALL_PRODUCT);
+        let samples = if small { samples } else { 1 };
         let per = rows / samples;
         let product = |a: &Tensor| -> Result<Tensor> {
             let mut y = a.matmul(&self.weight.t()?)?;

@@ -37,13 +37,29 @@ pub struct RewardTerm {
     /// Reward name.
     #[schema(example = "color")]
     pub name: String,
-    /// Multiplier of this reward's score; default 1. Must be finite.
+    /// Multiplier of this reward's score; default 1; |weight| ≤ 1e6 (scores are f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -1e6, maximum = 1e6)]
     pub weight: Option<f64>,
     /// Target `[r, g, b]` in [0, 1], for `color`-kind rewards only (overrides a configured one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = json!([1.0, 0.0, 0.0]))]
+    #[schema(schema_with = rgb_schema)]
     pub target: Option<[f64; 3]>,
+}
+
+/// Largest |weight| of a reward term: scores are computed in f32, and a weight that can turn a
+/// score into infinity would pass an f64 finiteness check and fail (or vanish) later.
+pub const MAX_REWARD_WEIGHT: f64 = 1e6;
+
+/// `[r, g, b]`: exactly three numbers in [0, 1].
+fn rgb_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(ObjectBuilder::new().schema_type(Type::Number).minimum(Some(0.0)).maximum(Some(1.0)))
+        .min_items(Some(3))
+        .max_items(Some(3))
+        .examples([serde_json::json!([1.0, 0.0, 0.0])])
+        .build()
 }
 
 impl RewardTerm {
@@ -126,10 +142,12 @@ impl RewardSpec {
                 return Err(RewardError::invalid(&t.name_field, "reward name is empty"));
             }
             let w = t.term.weight();
-            if !w.is_finite() {
+            if !w.is_finite() || w.abs() > MAX_REWARD_WEIGHT {
                 return Err(RewardError::invalid(
                     t.field("weight"),
-                    format!("weight must be a finite number, got {w}"),
+                    format!(
+                        "weight must be a number between -{MAX_REWARD_WEIGHT:e} and {MAX_REWARD_WEIGHT:e}, got {w}"
+                    ),
                 ));
             }
         }
