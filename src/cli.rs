@@ -13,8 +13,17 @@ use crate::sampling::SamplerKind;
 #[derive(Debug, Parser)]
 #[command(name = "tiller", version, about = "Inference server for diffusion image models")]
 pub struct Cli {
+    /// Log lines as text (default) or as one JSON object per line (for log collectors).
+    #[arg(long, global = true, env = "TILLER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -89,11 +89,15 @@ pub struct ServerConfig {
     /// When set, `GET /metrics`, `POST /v1/adapters` and `DELETE /v1/adapters/{name}` require
     /// `Authorization: Bearer <admin_key>`.
     pub admin_key: Option<String>,
+    /// Origins a browser page may call the API from (CORS), e.g. `["https://app.example"]`;
+    /// `["*"]` allows any origin. Empty: no CORS headers (browsers then refuse cross-origin
+    /// calls).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { bind: DEFAULT_BIND.to_string(), api_key: None, admin_key: None }
+        Self { bind: DEFAULT_BIND.to_string(), api_key: None, admin_key: None, cors_origins: Vec::new() }
     }
 }
 
@@ -441,6 +445,14 @@ impl Config {
     /// Check values that would make the server unusable.
     pub fn validate(&self) -> Result<()> {
         self.bind_addr()?;
+        for o in &self.server.cors_origins {
+            if o != "*" && axum::http::HeaderValue::from_str(o).is_err() || o.is_empty() {
+                return Err(TillerError::field(
+                    "server.cors_origins",
+                    format!("`{o}` is not an origin like https://host"),
+                ));
+            }
+        }
         crate::reward::registry::check_configs(&self.rewards)?;
         let l = &self.limits;
         let positive = [

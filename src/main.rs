@@ -1,16 +1,17 @@
 use clap::Parser;
 
-use tiller::cli::{Cli, Command};
+use tiller::cli::{Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        // Spans (request_id, job_id) come along as fields of each line.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Text => logs.init(),
+    }
     let result: anyhow::Result<()> = match cli.command {
         Command::Serve(args) => match args.config() {
             Ok(cfg) => tokio::runtime::Builder::new_multi_thread()

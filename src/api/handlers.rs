@@ -85,6 +85,7 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
+    request_id: Option<String>,
     label: &mut Option<String>,
 ) -> Result<Prepared, ApiError> {
     let bytes = body.map_err(|rej| body_error(rej, state.limits.max_body_bytes))?;
@@ -108,6 +109,7 @@ pub(crate) fn prepare(
         steering: validated.steering,
         adapters: validated.adapters,
         partial_images: if stream { validated.partial_images } else { 0 },
+        request_id,
     };
     Ok(Prepared { job, applied, request_seed, trace, stream, stream_progress })
 }
@@ -150,10 +152,14 @@ pub(crate) fn body_error(rej: BytesRejection, limit: usize) -> ApiError {
     ),
     security((), ("api_key" = []))
 )]
-pub async fn create_image(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn create_image(
+    State(state): State<AppState>,
+    id: Option<axum::Extension<super::middleware::RequestId>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let t0 = Instant::now();
     let mut label = None;
-    let mut resp = match prepare(&state, body, &mut label) {
+    let mut resp = match prepare(&state, body, id.map(|i| i.0 .0), &mut label) {
         Err(e) => e.into_response(),
         Ok(p) if p.stream => super::stream::images_stream(state, p, t0).await,
         Ok(p) => match create_image_inner(&state, p, t0).await {

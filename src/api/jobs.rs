@@ -167,10 +167,11 @@ fn fnv(bytes: &[u8]) -> u64 {
 )]
 pub async fn create_job(
     State(state): State<AppState>,
+    id: Option<axum::Extension<super::middleware::RequestId>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match create_job_inner(&state, &headers, body) {
+    match create_job_inner(&state, &headers, body, id.map(|i| i.0 .0)) {
         Ok((status, info)) => {
             let mut resp = (status, Json(&info)).into_response();
             if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", info.id)) {
@@ -186,6 +187,7 @@ fn create_job_inner(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    request_id: Option<String>,
 ) -> Result<(StatusCode, JobInfo), ApiError> {
     let key = match headers.get("idempotency-key") {
         None => None,
@@ -225,7 +227,7 @@ fn create_job_inner(
         }
     }
     let mut label = None;
-    let prepared = prepare(state, Ok(bytes), &mut label)?;
+    let prepared = prepare(state, Ok(bytes), request_id, &mut label)?;
     {
         let mut s = store.inner.lock().unwrap();
         store.sweep(&mut s);

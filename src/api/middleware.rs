@@ -15,6 +15,71 @@ use crate::util::metrics as m;
 #[derive(Debug, Clone)]
 pub struct ModelLabel(pub String);
 
+/// The request's id: the client's `x-request-id` when it is a sensible one (1–128 visible
+/// ASCII characters), else a new random one. Handlers read it from the request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let bytes: [u8; 12] = rand::random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        })
+}
+
+/// Give every request an id (accepted or generated), echo it in the response, run the handler
+/// inside a span that carries it (so every log line of the request names it), and write one
+/// access-log line per request (target `tiller::access`).
+pub async fn request_context(mut req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let id = request_id(&req);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t0 = Instant::now();
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    let _enter = span.enter();
+    tracing::info!(
+        target: "tiller::access",
+        method = %method,
+        path = %path,
+        status = resp.status().as_u16(),
+        ms = format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3),
+        "{method} {path} {}",
+        resp.status().as_u16()
+    );
+    resp
+}
+
+/// The CORS layer for `server.cors_origins` (none when empty).
+pub fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| header::HeaderValue::from_str(o).ok()))
+    };
+    Some(CorsLayer::new().allow_origin(allow).allow_methods(Any).allow_headers(Any).expose_headers([
+        header::RETRY_AFTER,
+        header::HeaderName::from_static(REQUEST_ID),
+        header::LOCATION,
+    ]))
+}
+
 /// Count requests and record their latency by route, method, status and model.
 pub async fn record_metrics(req: Request, next: Next) -> Response {
     let t0 = Instant::now();

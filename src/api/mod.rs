@@ -48,6 +48,8 @@ pub struct AppState {
     pub adapters_root: Arc<std::path::Path>,
     /// Asynchronous jobs (`/v1/jobs`).
     pub jobs: Arc<jobs::JobStore>,
+    /// `server.cors_origins`.
+    pub cors_origins: Arc<[String]>,
 }
 
 impl AppState {
@@ -70,6 +72,7 @@ impl AppState {
             adapters: Arc::new(adapters),
             adapters_root: Arc::from(config.adapters.root.as_path()),
             jobs: jobs::store(&config.jobs),
+            cors_origins: config.server.cors_origins.clone().into(),
         }
     }
 }
@@ -79,6 +82,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     crate::util::metrics::prometheus();
     let body_limit = state.limits.max_body_bytes;
+    let cors_origins = state.cors_origins.clone();
     let v1 = Router::new()
         .route(
             "/v1/images/generations",
@@ -123,6 +127,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::middleware::from_fn(middleware::record_metrics))
+        .layer(axum::middleware::from_fn(middleware::request_context))
+        .layer(tower::util::option_layer(middleware::cors(&cors_origins)))
         .with_state(state)
 }
 

@@ -147,6 +147,8 @@ pub struct Job {
     pub adapters: AdapterSet,
     /// Previews of x̂0 to decode while the job runs (0–3, OpenAI's `partial_images`).
     pub partial_images: usize,
+    /// The HTTP request's id, carried into the job's log lines.
+    pub request_id: Option<String>,
 }
 
 /// One generated image.
@@ -354,9 +356,12 @@ pub fn estimate(model: &dyn DiffusionModel, job: &Job, opts: &EngineOptions) -> 
     let state = latents * latent * 16;
     let steps = r.steps as u64;
     let (reno, calls) = match &job.steering.spec {
-        // Backpropagation keeps every step's activations: about 3× a forward per step.
+        // Backpropagation keeps every intermediate of every step, not just a forward's live set:
+        // measured at about 10× a forward's estimate per row and step on the default model
+        // (tests/engine_memory.rs), so 16× leaves a margin.
         SteeringSpec::Reno(s) => {
-            (steps * rows * fwd_row * 3 + n * model.decode_bytes_per_image(lh, lw) * 3, { s.iterations as u64 * steps })
+            let graph = steps * rows * fwd_row * 16 + n * model.decode_bytes_per_image(lh, lw) * 4;
+            (graph, s.iterations as u64 * steps)
         }
         SteeringSpec::Svdd(_) => (0, steps * 2),
         _ => (0, steps),
@@ -755,6 +760,8 @@ pub fn preview_steps(count: usize, total: usize) -> Vec<usize> {
 fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
     let c = &inner.counters;
     let handle = w.handle.clone();
+    let request_id = w.job.request_id.as_deref().unwrap_or("");
+    let _span = tracing::info_span!("job", job_id = %handle.id, request_id = %request_id).entered();
     let label = w.model_name.clone();
     let queue_wait = handle.submitted.elapsed();
     metrics::histogram!(m::QUEUE_WAIT).record(queue_wait.as_secs_f64());
