@@ -187,7 +187,7 @@ impl Limits {
 
     /// The memory budget in bytes.
     pub fn memory_budget_bytes(&self) -> u64 {
-        self.memory_budget_mib.map(|m| m << 20).unwrap_or_else(crate::engine::default_memory_budget)
+        self.memory_budget_mib.map(|m| m.saturating_mul(1 << 20)).unwrap_or_else(crate::engine::default_memory_budget)
     }
 }
 

@@ -337,38 +337,37 @@ pub struct Estimate {
 /// row limit: the scheduler never runs more at once), decoding in chunks plus the decoded
 /// images it keeps, its latent state, and for ReNO the gradient graph of every step.
 pub fn estimate(model: &dyn DiffusionModel, job: &Job, opts: &EngineOptions) -> Estimate {
+    // In f64: the sizes an operator's limits allow can overflow integer products, and an
+    // estimate only has to be an upper bound (`as u64` saturates).
     let info = model.info();
     let r = crate::steering::resolve(info, &job.params, &job.steering.spec);
     let f = info.vae_scale_factor.max(1);
     let (lh, lw) = (r.height / f, r.width / f);
-    let n = job.params.n.max(1) as u64;
-    let k = job.steering.spec.latents_per_image() as u64;
-    let cfg = if r.guidance_scale > 1.0 && !info.guidance_embedding { 2 } else { 1 };
+    let n = job.params.n.max(1) as f64;
+    let k = job.steering.spec.latents_per_image() as f64;
+    let cfg = if r.guidance_scale > 1.0 && !info.guidance_embedding { 2.0 } else { 1.0 };
     let latents = n * k;
     let rows = latents * cfg;
-    let fwd_row = model.forward_bytes_per_row(lh, lw);
-    let fwd = rows.min(opts.scheduler.max_batch_rows.max(1) as u64) * fwd_row;
-    let image = (3 * r.height * r.width * 4) as u64;
+    let fwd_row = model.forward_bytes_per_row(lh, lw) as f64;
+    let fwd = rows.min(opts.scheduler.max_batch_rows.max(1) as f64) * fwd_row;
+    let image = 3.0 * r.height as f64 * r.width as f64 * 4.0;
     let decoded_kept = if job.steering.spec.needs_reward() || job.steering.reward.is_some() { latents } else { n };
-    let decode =
-        latents.min(opts.decode_chunk.max(1) as u64) * model.decode_bytes_per_image(lh, lw) + decoded_kept * image * 2;
-    let latent = (info.latent_channels * lh * lw * 4) as u64;
-    let state = latents * latent * 16;
-    let steps = r.steps as u64;
+    let decode_image = model.decode_bytes_per_image(lh, lw) as f64;
+    let decode = latents.min(opts.decode_chunk.max(1) as f64) * decode_image + decoded_kept * image * 2.0;
+    let latent = info.latent_channels as f64 * lh as f64 * lw as f64 * 4.0;
+    let state = latents * latent * 16.0;
+    let steps = r.steps as f64;
     let (reno, calls) = match &job.steering.spec {
         // Backpropagation keeps every intermediate of every step, not just a forward's live set:
         // measured at about 10× a forward's estimate per row and step on the default model
         // (tests/engine_memory.rs), so 16× leaves a margin.
-        SteeringSpec::Reno(s) => {
-            let graph = steps * rows * fwd_row * 16 + n * model.decode_bytes_per_image(lh, lw) * 4;
-            (graph, s.iterations as u64 * steps)
-        }
-        SteeringSpec::Svdd(_) => (0, steps * 2),
-        _ => (0, steps),
+        SteeringSpec::Reno(s) => (steps * rows * fwd_row * 16.0 + n * decode_image * 4.0, s.iterations as f64 * steps),
+        SteeringSpec::Svdd(_) => (0.0, steps * 2.0),
+        _ => (0.0, steps),
     };
-    let bytes = fwd + decode + state + reno + (16 << 20);
-    let cost = rows * (info.latent_channels * lh * lw) as u64 * calls;
-    Estimate { bytes, cost, rows_per_call: rows as usize }
+    let bytes = fwd + decode + state + reno + (16u64 << 20) as f64;
+    let cost = rows * latent / 4.0 * calls;
+    Estimate { bytes: bytes as u64, cost: cost as u64, rows_per_call: rows as usize }
 }
 
 impl Engine {
@@ -643,7 +642,7 @@ impl Engine {
 }
 
 fn retry_after(d: &Dispatch) -> u64 {
-    let work = (d.admission.queued_cost() + d.running_cost) as f64;
+    let work = d.admission.queued_cost() as f64 + d.running_cost as f64;
     let secs = match d.throughput.per_sec() {
         Some(rate) if rate > 0.0 => work / rate,
         _ => 1.0 + d.admission.queued() as f64,
@@ -724,7 +723,7 @@ fn dispatcher(weak: std::sync::Weak<Inner>) {
             if d.admission.running() == 1 {
                 d.throughput.busy_since = Some(Instant::now());
             }
-            d.running_cost += w.estimate.cost;
+            d.running_cost = d.running_cost.saturating_add(w.estimate.cost);
             let inner2 = inner.clone();
             // Count the job as active before its thread starts, so the scheduler waits for it.
             inner.gauges.active_jobs.fetch_add(1, Ordering::SeqCst);
@@ -817,7 +816,7 @@ fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
         d.admission.finish(bytes);
         d.running_cost = d.running_cost.saturating_sub(w.estimate.cost);
         if outcome == "completed" {
-            d.throughput.done_cost += w.estimate.cost;
+            d.throughput.done_cost = d.throughput.done_cost.saturating_add(w.estimate.cost);
         }
         if d.admission.running() == 0 {
             if let Some(t) = d.throughput.busy_since.take() {

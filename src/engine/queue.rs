@@ -63,12 +63,12 @@ impl Admission {
     /// Admit the head of the queue if it fits now; returns its seq and memory estimate.
     pub fn admit_next(&mut self) -> Option<(u64, u64)> {
         let head = self.queue.front()?;
-        if self.running >= self.max_running || self.running_bytes + head.bytes > self.budget {
+        if self.running >= self.max_running || self.running_bytes.saturating_add(head.bytes) > self.budget {
             return None;
         }
         let w = self.queue.pop_front().expect("non-empty");
         self.running += 1;
-        self.running_bytes += w.bytes;
+        self.running_bytes = self.running_bytes.saturating_add(w.bytes);
         Some((w.seq, w.bytes))
     }
 
@@ -103,7 +103,7 @@ impl Admission {
 
     /// Work waiting in the queue (denoiser rows × latent elements × steps, summed).
     pub fn queued_cost(&self) -> u64 {
-        self.queue.iter().map(|w| w.cost).sum()
+        self.queue.iter().fold(0u64, |a, w| a.saturating_add(w.cost))
     }
 
     /// Position of `seq` in the queue (0 = next).

@@ -145,13 +145,13 @@ pub trait DiffusionModel: Send + Sync {
     /// (what admission control adds up). The default suits analytic models: a few copies of
     /// the row.
     fn forward_bytes_per_row(&self, h: usize, w: usize) -> u64 {
-        (self.info().latent_channels * h * w * 4 * 16) as u64
+        (self.info().latent_channels as f64 * h as f64 * w as f64 * 64.0) as u64
     }
 
     /// Upper estimate of the bytes decoding one latent of `h`×`w` needs.
     fn decode_bytes_per_image(&self, h: usize, w: usize) -> u64 {
-        let f = self.info().vae_scale_factor;
-        ((3 + self.info().latent_channels) * h * w * f * f * 4 * 8) as u64
+        let f = self.info().vae_scale_factor as f64;
+        ((3 + self.info().latent_channels) as f64 * h as f64 * w as f64 * f * f * 32.0) as u64
     }
 
     /// The adaptable weights (LoRA targets); `None` for models that take no adapters.

@@ -626,22 +626,24 @@ impl UNet2DConditionModel {
             .unwrap_or(&c.attention_head_dim)
             .expand(n, "attention_head_dim")
             .unwrap_or_else(|_| vec![8; n]);
-        let (mut widest, mut skips, mut scores) = (0u64, 0u64, 0u64);
-        let (mut lh, mut lw) = (h as u64, w as u64);
+        // In f64: sizes the limits allow can overflow u64 here, and the estimate only has to be
+        // an upper bound (`as` saturates at u64::MAX).
+        let (mut widest, mut skips, mut scores) = (0f64, 0f64, 0f64);
+        let (mut lh, mut lw) = (h as f64, w as f64);
         for l in 0..n {
             let tokens = lh * lw;
-            let ch = c.block_out_channels[l] as u64;
+            let ch = c.block_out_channels[l] as f64;
             widest = widest.max(ch * tokens);
-            skips += (lpb[l] as u64 + 1) * ch * tokens;
+            skips += (lpb[l] as f64 + 1.0) * ch * tokens;
             let attends = c.down_block_types.get(l).is_some_and(|t| t.contains("CrossAttn"))
                 || (l + 1 == n && c.mid_block_type.as_deref().is_none_or(|t| t.contains("CrossAttn")));
             if attends {
-                scores = scores.max(heads[l] as u64 * tokens * tokens);
+                scores = scores.max(heads[l] as f64 * tokens * tokens);
             }
-            lh = lh.div_ceil(2);
-            lw = lw.div_ceil(2);
+            lh = (lh / 2.0).ceil();
+            lw = (lw / 2.0).ceil();
         }
-        4 * (48 * widest + skips + 3 * scores)
+        (4.0 * (48.0 * widest + skips + 3.0 * scores)) as u64
     }
 
     /// Predict the network output for `sample` (B, C, H, W) at `timesteps` (B,), one per row,

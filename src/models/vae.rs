@@ -68,17 +68,18 @@ impl AutoencoderKLConfig {
     /// working set of the largest feature map (full resolution, widest decoder channels there),
     /// the mid block's single-head attention over the h·w latent pixels, and the image itself.
     pub fn decode_bytes_per_image(&self, h: usize, w: usize) -> u64 {
+        // In f64, like the UNet's estimate: an upper bound that cannot overflow.
         let levels = self.block_out_channels.len();
-        let (mut widest, mut lh, mut lw) = (0u64, h as u64, w as u64);
+        let (mut widest, mut lh, mut lw) = (0f64, h as f64, w as f64);
         for l in (0..levels).rev() {
-            widest = widest.max(self.block_out_channels[l] as u64 * lh * lw);
+            widest = widest.max(self.block_out_channels[l] as f64 * lh * lw);
             if l > 0 {
-                lh *= 2;
-                lw *= 2;
+                lh *= 2.0;
+                lw *= 2.0;
             }
         }
-        let tokens = (h * w) as u64;
-        4 * (48 * widest + 3 * tokens * tokens + 3 * lh * lw)
+        let tokens = h as f64 * w as f64;
+        (4.0 * (48.0 * widest + 3.0 * tokens * tokens + 3.0 * lh * lw)) as u64
     }
 
     pub fn scale_factor(&self) -> usize {
