@@ -201,6 +201,17 @@ async fn idempotency_keys_return_the_same_job_and_jobs_expire() {
     let d: Value = post(body.clone(), "k-2").await.json().await.unwrap();
     assert_ne!(a["id"], d["id"]);
     assert_eq!(s.engine().stats().submitted, 2);
+    // Concurrent requests with one new key make one job between them.
+    let racers: Vec<_> = (0..8).map(|_| post(body.clone(), "k-3")).collect();
+    let answers = futures_util::future::join_all(racers).await;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for r in answers {
+        created += usize::from(r.status().as_u16() == 202);
+        ids.insert(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!((created, ids.len()), (1, 1), "one job for one key");
+    assert_eq!(s.engine().stats().submitted, 3);
     // Gone ttl_secs after it finished.
     let id = a["id"].as_str().unwrap();
     let t0 = Instant::now();

@@ -211,9 +211,12 @@ fn create_job_inner(
     let fingerprint = fnv(&bytes);
     let scope = fnv(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default());
     let store = &state.jobs;
+    // One lock from the key lookup to the insertion: two concurrent requests with the same key
+    // cannot both create a job. Nothing in between waits (validation and submission return at
+    // once), and nothing that holds the engine's locks takes this one.
+    let mut s = store.inner.lock().unwrap();
+    store.sweep(&mut s);
     if let Some(k) = &key {
-        let mut s = store.inner.lock().unwrap();
-        store.sweep(&mut s);
         if let Some((fp, id)) = s.keys.get(&(scope, k.clone())) {
             if *fp != fingerprint {
                 return Err(ApiError::invalid(
@@ -229,8 +232,6 @@ fn create_job_inner(
     let mut label = None;
     let prepared = prepare(state, Ok(bytes), request_id, &mut label)?;
     {
-        let mut s = store.inner.lock().unwrap();
-        store.sweep(&mut s);
         if s.jobs.len() >= store.max_jobs {
             // Make room by dropping the oldest finished job; refuse if all are unfinished.
             let oldest = s
@@ -266,7 +267,6 @@ fn create_job_inner(
     let prepared = Arc::new(prepared);
     let submitted = Instant::now();
     let out = info(&handle, &prepared, submitted)?;
-    let mut s = store.inner.lock().unwrap();
     if let Some(k) = key {
         s.keys.insert((scope, k), (fingerprint, handle.id.clone()));
     }
