@@ -57,10 +57,21 @@ fn fk(prompt: &str, particles: usize, steps: usize) -> Job {
 }
 
 async fn finish(h: Arc<JobHandle>) {
-    match h.wait().await {
-        JobEvent::Completed(_) => {}
+    let out = match h.wait().await {
+        JobEvent::Completed(out) => out,
         other => panic!("job ended with {other:?}"),
-    }
+    };
+    let t = &out.timings;
+    let mut p = PHASES.lock().unwrap();
+    p.0 += t.encode_ms;
+    p.1 += t.decode_ms;
+}
+
+/// Prompt encoding and final decoding, ms, summed over the jobs finished since the last reset.
+static PHASES: std::sync::Mutex<(f64, f64)> = std::sync::Mutex::new((0.0, 0.0));
+
+fn take_phases() -> (f64, f64) {
+    std::mem::take(&mut *PHASES.lock().unwrap())
 }
 
 /// Run `jobs` with `clients` concurrent clients, each taking the next job when its last one
@@ -98,13 +109,17 @@ async fn run(quick: bool) {
 
     // 1. Eight prompts: sequential, n = 8, concurrent.
     let eight = |seed: u64| -> Vec<Job> { PROMPTS.iter().map(|p| job(p, steps, 1, seed)).collect() };
+    take_phases();
     let seq = closed_loop(&engine, eight(1), 1).await;
+    let seq_phases = take_phases();
     let t0 = Instant::now();
     finish(engine.submit(job(PROMPTS[0], steps, 8, 1)).unwrap()).await;
     let n8 = t0.elapsed().as_secs_f64();
+    let n8_phases = take_phases();
     let before = engine.stats();
     let conc = closed_loop(&engine, eight(1), 8).await;
     let after = engine.stats();
+    let conc_phases = take_phases();
     let ticks = after.ticks - before.ticks;
     let rows = after.batch_rows - before.batch_rows;
     println!("\n### Eight requests ({steps} DDIM steps, n = 1, CFG 7.5, 64×64)\n");
@@ -114,10 +129,19 @@ async fn run(quick: bool) {
     println!("| one request, n = 8 | {n8:.2} | {:.2} | {:.2}× |", 8.0 / n8, seq / n8);
     println!("| eight concurrent | {conc:.2} | {:.2} | {:.2}× |", 8.0 / conc, seq / conc);
     println!(
-        "\nConcurrent run: {ticks} forwards, {:.1} rows per forward on average (max {}).",
+        "\nConcurrent run: {ticks} forwards, {:.1} rows per forward on average (max {}), {:.2} s in forwards.",
         rows as f64 / ticks.max(1) as f64,
-        after.max_batch_rows
+        after.max_batch_rows,
+        after.forward_secs - before.forward_secs
     );
+    println!(
+        "Prompt encoding / final decoding, ms summed over the jobs: sequential {:.0} / {:.0}, n = 8 {:.0} / {:.0}, \
+         concurrent {:.0} / {:.0}.",
+        seq_phases.0, seq_phases.1, n8_phases.0, n8_phases.1, conc_phases.0, conc_phases.1
+    );
+    if std::env::args().any(|a| a == "eight") {
+        return;
+    }
 
     // 2. Concurrency sweep.
     let total = if quick { 8 } else { 16 };
