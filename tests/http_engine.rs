@@ -278,6 +278,11 @@ async fn request_edges_found_by_attacking_the_api() {
     let big = json!({"path": "x".repeat(100_000)});
     let r = s.post_json("/v1/adapters", &big).await;
     assert_eq!(r.status().as_u16(), 413);
+    // A long URI is a 414 with an OpenAI-shaped body (it was an empty one).
+    let r = s.get(&format!("/v1/models/{}", "m".repeat(10_000))).await;
+    assert_eq!(r.status().as_u16(), 414);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "uri_too_long");
     let (st, body) = s.generate(json!({"prompt": "p", "partial_images": 4})).await;
     assert_error(st, &body, 422, Some("partial_images"));
     // A reward weight that is finite in f64 but would overflow the f32 scores.

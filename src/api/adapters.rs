@@ -117,6 +117,7 @@ pub async fn list_adapters(State(state): State<AppState>) -> Json<AdapterList> {
         (status = 200, description = "The adapter", body = AdapterInfo),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown adapter", body = ErrorResponse),
+        (status = 414, description = "URI longer than 8192 bytes", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -298,6 +299,7 @@ fn register_blocking(
         (status = 204, description = "Removed; requests naming it now get 404"),
         (status = 401, description = "Missing or wrong admin key (`server.admin_key`; the API key when no admin key is set)", body = ErrorResponse),
         (status = 404, description = "Unknown adapter", body = ErrorResponse),
+        (status = 414, description = "URI longer than 8192 bytes", body = ErrorResponse),
     ),
     security((), ("admin_key" = []))
 )]

@@ -322,6 +322,7 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
         (status = 200, description = "The model", body = Model),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 414, description = "URI longer than 8192 bytes", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]

@@ -284,6 +284,7 @@ fn create_job_inner(
         (status = 200, description = "The job", body = JobInfo),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown or expired job", body = ErrorResponse),
+        (status = 414, description = "URI longer than 8192 bytes", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]
@@ -304,6 +305,7 @@ pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> R
         (status = 200, description = "Cancelled (or cancelling: `status` turns `cancelled` within one step)", body = JobInfo),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown or expired job", body = ErrorResponse),
+        (status = 414, description = "URI longer than 8192 bytes", body = ErrorResponse),
         (status = 409, description = "The job already finished", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
@@ -343,6 +345,7 @@ pub async fn delete_job(State(state): State<AppState>, Path(id): Path<String>) -
         (status = 200, description = "text/event-stream of the job's events", content_type = "text/event-stream", body = super::types::SseEvent),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown or expired job", body = ErrorResponse),
+        (status = 414, description = "URI longer than 8192 bytes", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
 )]

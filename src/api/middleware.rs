@@ -22,6 +22,9 @@ pub struct RequestId(pub String);
 
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// Longest request URI (path and query) accepted.
+pub const MAX_URI_BYTES: usize = 8192;
+
 fn request_id(req: &Request) -> String {
     req.headers()
         .get(REQUEST_ID)
@@ -41,6 +44,22 @@ fn request_id(req: &Request) -> String {
 pub async fn request_context(mut req: Request, next: Next) -> Response {
     use tracing::Instrument;
     let id = request_id(&req);
+    // No route takes a long URI. Refusing above MAX_URI_BYTES gives an OpenAI-shaped 414 for
+    // every URI that reaches the server (past 64 KiB the HTTP library answers 414 on its own,
+    // without a body).
+    let uri_len = req.uri().to_string().len();
+    if uri_len > MAX_URI_BYTES {
+        let mut resp = ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("The request URI has {uri_len} bytes; at most {MAX_URI_BYTES} are accepted"),
+        )
+        .into_response();
+        if let Ok(v) = header::HeaderValue::from_str(&id) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
+        return resp;
+    }
     req.extensions_mut().insert(RequestId(id.clone()));
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let t0 = Instant::now();
