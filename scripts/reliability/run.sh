@@ -72,10 +72,11 @@ max_n = 2
 max_particles = 4
 max_reno_iterations = 2"
 examples=$([ "$short" = 1 ] && echo 25 || echo 100)
-"$(dirname "$python")/schemathesis" run "$repo/openapi/openapi.json" --url "$TILLER_URL" \
+# From the scratch directory: schemathesis keeps a cache of its findings in the working directory.
+(cd "$work" && "$(dirname "$python")/schemathesis" run "$repo/openapi/openapi.json" --url "$TILLER_URL" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,negative_data_rejection \
     --max-examples "$examples" --seed 2026 --workers 2 --request-timeout 60 \
-    --suppress-health-check too_slow,filter_too_much --output-truncate true
+    --suppress-health-check too_slow,filter_too_much --output-truncate true)
 if grep -q "panicked" "$work/schema.log"; then
     echo "the server logged a panic during schemathesis" >&2
     grep -m5 "panicked" "$work/schema.log" >&2
