@@ -43,7 +43,7 @@ fn exact_right_weight(m: &GaussianMixtureModel, beta: f64) -> f64 {
 }
 
 fn ddim(m: &GaussianMixtureModel, eta: f64) -> Box<dyn Sampler> {
-    build_sampler(SamplerKind::Ddim, &m.info().scheduler, STEPS, eta).unwrap()
+    build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), STEPS, eta).unwrap()
 }
 
 struct Outcome {
@@ -94,7 +94,7 @@ fn fk(k: usize, beta: f64, potential: Potential, every: usize) -> SteeringSpec {
 fn exact_denoiser_reproduces_the_mixture_with_every_sampler() {
     // No steering: DDIM η=1 and η=0, DDPM and Euler all draw the base mode weights.
     let m = model();
-    let cfg = &m.info().scheduler;
+    let cfg = m.info().scheduler.vp();
     for (kind, eta, steps) in [
         (SamplerKind::Ddim, 1.0, 100),
         (SamplerKind::Ddim, 0.0, 50),

@@ -269,7 +269,7 @@ pub(crate) fn metadata(
 fn model_entry(s: &ModelSummary, default: Option<&str>) -> Model {
     let info = &s.info;
     let (h, w) = info.default_size;
-    let prediction = serde_json::to_value(info.scheduler.prediction_type)
+    let prediction = serde_json::to_value(info.scheduler.prediction_type())
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
@@ -285,7 +285,7 @@ fn model_entry(s: &ModelSummary, default: Option<&str>) -> Model {
             default_width: w,
             default_height: h,
             scheduler: s.default_scheduler,
-            scheduler_class: info.scheduler.class_name.clone(),
+            scheduler_class: info.scheduler.class_name().to_string(),
             prediction_type: prediction,
             guidance_embedding: info.guidance_embedding,
             latent_channels: info.latent_channels,

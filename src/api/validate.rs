@@ -450,7 +450,7 @@ pub fn check(
     // configs tiller cannot sample); the default step counts are always valid.
     let scheduler = req.scheduler.unwrap_or(model.default_scheduler);
     let steps = req.steps.map(|s| s as usize).unwrap_or(1);
-    if let Err(e) = crate::sampling::check_params(scheduler, &info.scheduler, steps, req.eta.unwrap_or(0.0)) {
+    if let Err(e) = crate::sampling::check_for(scheduler, &info.scheduler, steps, req.eta.unwrap_or(0.0)) {
         return Err(match e {
             crate::error::TillerError::InvalidField { field, message } => {
                 ApiError::invalid(&field, format!("`{field}`: {message}"))
@@ -551,7 +551,7 @@ fn check_steering(
     }
     if spec.needs_stochastic_sampler() {
         let r = crate::steering::resolve(&model.info, params, &spec);
-        let stochastic = crate::sampling::build_sampler(r.scheduler, &model.info.scheduler, r.steps, r.eta)
+        let stochastic = crate::sampling::build_for(r.scheduler, &model.info.scheduler, r.steps, r.eta)
             .map(|s| s.is_stochastic())
             .unwrap_or(true); // other problems are reported by the sampler checks
         if !stochastic {

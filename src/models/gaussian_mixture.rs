@@ -158,7 +158,8 @@ impl GaussianMixtureModel {
 
         let scheduler = SchedulerConfig::from_json(&cfg.scheduler.to_string())
             .map_err(|e| bad("scheduler", format!("not a scheduler config: {e}")))?;
-        scheduler.family().map_err(|m| bad("scheduler._class_name", m))?;
+        let schedule_config = crate::sampling::ScheduleConfig::from_scheduler_config(scheduler.clone())
+            .map_err(|m| bad("scheduler._class_name", m))?;
         if !matches!(scheduler.prediction_type, PredictionType::Epsilon) {
             return Err(bad("scheduler.prediction_type", "the analytic model predicts epsilon".into()));
         }
@@ -173,7 +174,7 @@ impl GaussianMixtureModel {
             vae_scale_factor: 1,
             default_size: (h, w),
             defaults: SamplingDefaults::derive(&scheduler, false, 0),
-            scheduler,
+            scheduler: schedule_config,
             guidance_embedding: false,
             max_prompt_tokens: 0,
         };

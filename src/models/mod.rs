@@ -20,7 +20,7 @@ pub mod weights;
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::sampling::{SamplerKind, SchedulerConfig};
+use crate::sampling::{SamplerKind, ScheduleConfig, SchedulerConfig};
 
 /// Re-exported for callers that name it with the models; it lives with the samplers, which
 /// interpret it.
@@ -37,8 +37,8 @@ pub struct ModelInfo {
     pub vae_scale_factor: usize,
     /// Default image size (height, width) in pixels.
     pub default_size: (usize, usize),
-    /// The scheduler configuration the model ships with (`scheduler/scheduler_config.json`).
-    pub scheduler: SchedulerConfig,
+    /// The noise schedule the model ships with (`scheduler/scheduler_config.json`), by family.
+    pub scheduler: ScheduleConfig,
     /// True when the UNet takes the guidance scale as an embedding (LCM-distilled, `time_cond_proj_dim`)
     /// instead of classifier-free guidance.
     pub guidance_embedding: bool,
@@ -92,7 +92,7 @@ impl ModelInfo {
         if sampler == self.defaults.sampler {
             return (self.defaults.steps, self.defaults.guidance_scale);
         }
-        SamplingDefaults::for_sampler(sampler, &self.scheduler, self.guidance_embedding, self.max_prompt_tokens)
+        SamplingDefaults::for_sampler(sampler, self.scheduler.vp(), self.guidance_embedding, self.max_prompt_tokens)
     }
 }
 

@@ -91,7 +91,8 @@ impl StableDiffusion {
 
         let sched_path = component_dir(dir, "scheduler")?.join("scheduler_config.json");
         let scheduler = SchedulerConfig::from_file(&sched_path)?;
-        scheduler.family().map_err(|m| TillerError::file(&sched_path, m))?;
+        let schedule = crate::sampling::ScheduleConfig::from_scheduler_config(scheduler.clone())
+            .map_err(|m| TillerError::file(&sched_path, m))?;
 
         let tokenizer = ClipTokenizer::from_dir(&component_dir(dir, "tokenizer")?)?;
 
@@ -133,7 +134,7 @@ impl StableDiffusion {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: f,
             default_size: (side, side),
-            scheduler: scheduler.clone(),
+            scheduler: schedule,
             guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
             max_prompt_tokens: tokenizer.max_len(),
             defaults: SamplingDefaults::derive(&scheduler, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len()),

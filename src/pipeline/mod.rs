@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
 use crate::models::{DiffusionModel, ModelInfo};
-use crate::sampling::{build_sampler, NoiseSource, Sampler, SamplerKind, SeededNoise};
+use crate::sampling::{build_for, NoiseSource, Sampler, SamplerKind, SeededNoise};
 
 /// What a caller asks for; `None` fields take the model's defaults (see [`resolve`]).
 #[derive(Debug, Clone, Default)]
@@ -306,7 +306,7 @@ pub fn generate_with_noise(
         }
         None => drawn,
     };
-    let sampler = build_sampler(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+    let sampler = build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
 
     let t0 = Instant::now();
     let cond = Conditioning::new(model, &p.prompt, p.negative_prompt.as_deref(), params.guidance_scale, n)?;

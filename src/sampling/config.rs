@@ -21,6 +21,52 @@ pub enum ScheduleFamily {
     Vp,
 }
 
+/// A model's noise schedule, by family: what its samplers are built from. Code that needs the
+/// beta-schedule fields asks for them with [`ScheduleConfig::vp`]; a new family (flow
+/// sigmas) adds a variant here and a match arm wherever samplers are built.
+#[derive(Debug, Clone)]
+pub enum ScheduleConfig {
+    /// Variance-preserving diffusion on betas, as diffusers' `scheduler_config.json` gives it.
+    Vp(SchedulerConfig),
+}
+
+impl ScheduleConfig {
+    /// Check a parsed `scheduler_config.json` and wrap it in its family (an unknown or
+    /// flow-matching class is an error naming the class).
+    pub fn from_scheduler_config(cfg: SchedulerConfig) -> std::result::Result<Self, String> {
+        match cfg.family()? {
+            ScheduleFamily::Vp => Ok(Self::Vp(cfg)),
+        }
+    }
+
+    pub fn family(&self) -> ScheduleFamily {
+        match self {
+            Self::Vp(_) => ScheduleFamily::Vp,
+        }
+    }
+
+    /// The beta-schedule config (every family tiller samples today).
+    pub fn vp(&self) -> &SchedulerConfig {
+        match self {
+            Self::Vp(c) => c,
+        }
+    }
+
+    /// The diffusers class named in the config.
+    pub fn class_name(&self) -> &str {
+        &self.vp().class_name
+    }
+
+    pub fn prediction_type(&self) -> PredictionType {
+        self.vp().prediction_type
+    }
+
+    /// The sampler a request that names none uses.
+    pub fn default_sampler(&self) -> SamplerKind {
+        self.vp().default_sampler()
+    }
+}
+
 /// diffusers scheduler classes on a beta schedule that tiller does not implement step for
 /// step: a model shipping one of them is sampled with DDIM on the same betas (the usual
 /// substitution; the betas, not the solver, define the model).

@@ -13,7 +13,7 @@ pub mod noise;
 pub mod schedule;
 pub mod vp;
 
-pub use config::{PredictionType, SamplerKind, ScheduleFamily, SchedulerConfig, TimestepSpacing};
+pub use config::{PredictionType, SamplerKind, ScheduleConfig, ScheduleFamily, SchedulerConfig, TimestepSpacing};
 pub use ddim::Ddim;
 pub use ddpm::{Ddpm, DdpmVariance};
 pub use euler::Euler;
@@ -213,6 +213,21 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta
             Box::new(Lcm::new(&schedule, ts, scaling, pred, x0_processing(kind, cfg)))
         }
     })
+}
+
+/// Build sampler `kind` on a model's schedule (the entry point for model code; a flow family
+/// will branch here).
+pub fn build_for(kind: SamplerKind, schedule: &ScheduleConfig, steps: usize, eta: f64) -> Result<Box<dyn Sampler>> {
+    match schedule {
+        ScheduleConfig::Vp(cfg) => build_sampler(kind, cfg, steps, eta),
+    }
+}
+
+/// [`check_params`] on a model's schedule.
+pub fn check_for(kind: SamplerKind, schedule: &ScheduleConfig, steps: usize, eta: f64) -> crate::error::Result<()> {
+    match schedule {
+        ScheduleConfig::Vp(cfg) => check_params(kind, cfg, steps, eta),
+    }
 }
 
 /// The timesteps `kind` uses for `steps` steps with `cfg` (diffusers `scheduler.timesteps`).

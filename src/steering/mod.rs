@@ -476,7 +476,7 @@ pub fn generate(
     let params = resolve(model.info(), p, &req.spec);
     let (_, c, h, w) = crate::pipeline::latent_shape(model, n, params.height, params.width)
         .map_err(|e| GenerationError::InvalidInput { field: "size", message: e.to_string() })?;
-    let sampler = crate::sampling::build_sampler(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+    let sampler = crate::sampling::build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
     let seeds: Vec<u64> = (0..n as u64).map(|i| p.seed.wrapping_add(i)).collect();
     let ctx = SteerContext {
         model,

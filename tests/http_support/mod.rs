@@ -34,7 +34,7 @@ impl MockModel {
             vae_scale_factor: 8,
             default_size: (64, 64),
             defaults: SamplingDefaults::derive(&scheduler, false, 77),
-            scheduler,
+            scheduler: tiller::sampling::ScheduleConfig::Vp(scheduler),
             guidance_embedding: false,
             max_prompt_tokens: 77,
         };
