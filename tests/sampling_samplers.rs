@@ -163,7 +163,7 @@ fn validation_errors() {
     assert!(build_sampler(SamplerKind::Euler, &karras, 10, 0.0).is_err());
 }
 
-/// §6.4: DDIM with η = 1 is the DDPM posterior q(x_s | x_t, x̂0).
+/// DDIM with η = 1 is the DDPM posterior q(x_s | x_t, x̂0).
 #[test]
 fn ddim_eta_one_is_ddpm_posterior() {
     let c = sd();

@@ -1,5 +1,5 @@
 //! Steering on the analytic Gaussian-mixture model, checked against the closed-form tilted
-//! target p(x)·exp(β·r(x)) for the linear reward `brightness` (algorithms.md §7.3–7.4).
+//! target p(x)·exp(β·r(x)) for the linear reward `brightness` (docs/steering.md).
 //!
 //! The mixture lives in 3×2×2 = 12 dimensions (two isotropic modes at ∓0.5, weights 0.7/0.3),
 //! so thousands of independent steered runs fit in one batch: a request with n "images" runs n

@@ -1,5 +1,5 @@
 //! An analytic "model" whose data distribution is a Gaussian mixture in image space, with the
-//! exact noise prediction (the posterior mean E[x0 | x_t], algorithms.md §7.3).
+//! exact noise prediction (the posterior mean E[x0 | x_t]; docs/steering.md).
 //!
 //! Because the optimal denoiser is known in closed form, so is the reward-tilted distribution
 //! p(x)·exp(β·r(x)) for a linear reward: steering strategies can be checked against exact
@@ -58,7 +58,7 @@ impl Mixture {
     }
 
     /// Mode weights of the tilted target p(x)·exp(β·bᵀx) for a linear reward with gradient `b`:
-    /// π'_k ∝ π_k·exp(β bᵀμ_k + ½β² τ_k² ‖b‖²) (algorithms.md §7.3).
+    /// π'_k ∝ π_k·exp(β bᵀμ_k + ½β² τ_k² ‖b‖²) (docs/steering.md).
     pub fn tilted_weights(&self, b: &[f64], beta: f64) -> Vec<f64> {
         let bb: f64 = b.iter().map(|v| v * v).sum();
         let logs: Vec<f64> = (0..self.weights.len())

@@ -33,7 +33,7 @@ pub fn match_dtype(out: &Tensor, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// x̂0 from the raw model output at ᾱ (§6.2 of the spec).
+/// x̂0 from the raw model output at ᾱ, per prediction type (ε, v or the sample itself).
 pub fn x0_from_output(pred: PredictionType, x: &Tensor, out: &Tensor, abar: f64) -> Result<Tensor> {
     let out = match_dtype(out, x)?;
     let (sa, sb) = (abar.sqrt(), (1.0 - abar).sqrt());

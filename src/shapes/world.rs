@@ -1,4 +1,4 @@
-//! The shapes world, spec v1 (summarised in the README's "Shapes world" section): vocabulary,
+//! The shapes world, spec v1 (described in docs/shapes/README.md): vocabulary,
 //! caption templates, the seeded scene sampler and the renderer.
 //!
 //! Everything here is integer geometry driven by ChaCha12 words (never floating point, never

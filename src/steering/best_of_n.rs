@@ -1,4 +1,4 @@
-//! Best-of-N (algorithms.md §6.1): N independent samples per image, keep the highest reward.
+//! Best-of-N: N independent samples per image, keep the highest reward.
 //! With N = 1 this is plain sampling (`method: none`), and the reward, if any, is reported.
 
 use serde::{Deserialize, Serialize};

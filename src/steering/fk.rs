@@ -2,12 +2,12 @@
 //! potentials on the predicted x0 at scheduled steps and resampled, so the population targets
 //! p(x)·exp(β·r(x)).
 //!
-//! This is the corrected loop of algorithms.md §1.11, not the reference code's: log-space
+//! This is the corrected loop described in docs/steering.md, not the reference code's: log-space
 //! weights, the potential belongs to the current particle (no one-step lag), every per-particle
 //! field is gathered on resampling, and the final weights include the exact terminal
 //! correction so that along every ancestry the log-potentials sum to β·r(x0). Only `diff` is
 //! close to calibrated at small k; `max`, `sum` and `current` tilt intermediate populations much
-//! harder and act as reward maximisers (§7.4).
+//! harder and act as reward maximisers.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -134,7 +134,7 @@ impl FkSpec {
     }
 }
 
-/// (log-increment, new statistic) for one particle (algorithms.md §1.11).
+/// (log-increment, new statistic) for one particle (docs/steering.md).
 pub fn potential(kind: Potential, r: f64, stat: f64, beta: f64) -> (f64, f64) {
     match kind {
         Potential::Diff => (beta * (r - stat), r),

@@ -1,4 +1,4 @@
-//! ReNO, reward-based noise optimisation (Eyring et al. 2024; algorithms.md §3): gradient ascent
+//! ReNO, reward-based noise optimisation (Eyring et al. 2024; docs/steering.md): gradient ascent
 //! on the initial noise of a one-/few-step sampler through a differentiable reward.
 //!
 //! Objective per image: −r(G(ε)) + λ·(½‖ε‖² − (d − 1)·log‖ε‖), where the regulariser is the

@@ -1,4 +1,4 @@
-//! SVDD-PM, soft value-based decoding (Li et al. 2024; algorithms.md §2): at every step but the
+//! SVDD-PM, soft value-based decoding (Li et al. 2024; docs/steering.md): at every step but the
 //! last, draw M candidate next states from the sampler's own transition (one shared model
 //! prediction, fresh noise each), value each by the reward of its predicted x0, and keep one:
 //! the argmax when α = 0, else a draw from softmax(value / α) (target p·exp(r/α)).

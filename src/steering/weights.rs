@@ -1,4 +1,4 @@
-//! Log-space importance weights, effective sample size and resampling (algorithms.md §0.5).
+//! Log-space importance weights, effective sample size and resampling (docs/steering.md).
 //!
 //! Weights stay logs until the last moment and are normalised with max-subtraction, so
 //! β·r of order 100 or more never overflows; NaN log-weights count as −∞.
