@@ -18,7 +18,7 @@ pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -256,7 +256,6 @@ struct Counters {
     cancelled_running: AtomicU64,
     steps: AtomicU64,
     denoiser_evals: AtomicU64,
-    in_flight: AtomicUsize,
 }
 
 struct Registry {
@@ -578,7 +577,10 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.counters;
         let l = |a: &AtomicU64| a.load(Ordering::SeqCst);
-        let queued = self.inner.dispatch.lock().unwrap().admission.queued() as u64;
+        let (queued, in_flight) = {
+            let d = self.inner.dispatch.lock().unwrap();
+            (d.admission.queued() as u64, d.admission.running() as u64)
+        };
         EngineStats {
             submitted: l(&c.submitted),
             rejected: l(&c.rejected),
@@ -589,7 +591,7 @@ impl Engine {
             steps: l(&c.steps),
             denoiser_evals: l(&c.denoiser_evals),
             queued,
-            in_flight: c.in_flight.load(Ordering::SeqCst) as u64,
+            in_flight,
             ticks: l(&self.inner.gauges.ticks),
             batch_rows: l(&self.inner.gauges.rows),
             max_batch_rows: self.inner.gauges.max_rows.load(Ordering::SeqCst) as u64,
@@ -727,15 +729,14 @@ fn dispatcher(weak: std::sync::Weak<Inner>) {
             let inner2 = inner.clone();
             // Count the job as active before its thread starts, so the scheduler waits for it.
             inner.gauges.active_jobs.fetch_add(1, Ordering::SeqCst);
-            inner.counters.in_flight.fetch_add(1, Ordering::SeqCst);
             let spawned =
                 std::thread::Builder::new().name(format!("tiller-job-{seq}")).spawn(move || run_job(&inner2, w, bytes));
             if let Err(e) = spawned {
                 tracing::error!("cannot start a job thread: {e}");
                 inner.gauges.active_jobs.fetch_sub(1, Ordering::SeqCst);
-                inner.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
                 d.admission.finish(bytes);
             }
+            metrics::gauge!(m::JOBS_IN_FLIGHT).set(d.admission.running() as f64);
         }
         let idle = d.admission.queued() == 0 && d.admission.running() == 0;
         if inner.stopping.load(Ordering::SeqCst) && idle {
@@ -764,7 +765,6 @@ fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
     let label = w.model_name.clone();
     let queue_wait = handle.submitted.elapsed();
     metrics::histogram!(m::QUEUE_WAIT).record(queue_wait.as_secs_f64());
-    metrics::gauge!(m::JOBS_IN_FLIGHT).set(c.in_flight.load(Ordering::SeqCst) as f64);
     let t0 = Instant::now();
     let result = if handle.is_cancelled() {
         Err(JobEnd::Cancelled)
@@ -809,11 +809,10 @@ fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
     };
     metrics::counter!(m::JOBS, "model" => label.clone(), "outcome" => outcome).increment(1);
     metrics::histogram!(m::JOB_DURATION, "model" => label, "outcome" => outcome).record(elapsed);
-    c.in_flight.fetch_sub(1, Ordering::SeqCst);
-    metrics::gauge!(m::JOBS_IN_FLIGHT).set(c.in_flight.load(Ordering::SeqCst) as f64);
     {
         let mut d = inner.dispatch.lock().unwrap();
         d.admission.finish(bytes);
+        metrics::gauge!(m::JOBS_IN_FLIGHT).set(d.admission.running() as f64);
         d.running_cost = d.running_cost.saturating_sub(w.estimate.cost);
         if outcome == "completed" {
             d.throughput.done_cost = d.throughput.done_cost.saturating_add(w.estimate.cost);
@@ -857,7 +856,6 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
     };
     let model = scheduler::JobModel {
         inner: variant_model.clone(),
-        job: handle.seq,
         route,
         handle: handle.clone(),
         decode_chunk: inner.opts.decode_chunk,

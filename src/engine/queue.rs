@@ -105,11 +105,6 @@ impl Admission {
     pub fn queued_cost(&self) -> u64 {
         self.queue.iter().fold(0u64, |a, w| a.saturating_add(w.cost))
     }
-
-    /// Position of `seq` in the queue (0 = next).
-    pub fn position(&self, seq: u64) -> Option<usize> {
-        self.queue.iter().position(|w| w.seq == seq)
-    }
 }
 
 #[cfg(test)]
@@ -152,7 +147,6 @@ mod tests {
         a.offer(3, 1, 7).unwrap();
         assert_eq!(a.offer(4, 1, 1), Err(Refusal::QueueFull { queued: 2 }));
         assert_eq!(a.queued_cost(), 12);
-        assert_eq!(a.position(3), Some(1));
     }
 
     #[test]

@@ -136,7 +136,7 @@ fn compat_key(c: &ForwardCall) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (Arc::as_ptr(&c.model) as *const () as usize).hash(&mut h);
     c.x.dims()[1..].hash(&mut h);
-    format!("{:?}", c.x.dtype()).hash(&mut h);
+    c.x.dtype().as_str().hash(&mut h);
     c.context.hidden_states.dims()[1..].hash(&mut h);
     c.context.pooled.as_ref().map(|p| p.dims()[1..].to_vec()).hash(&mut h);
     c.timestep_cond.as_ref().map(|t| t.dims()[1..].to_vec()).hash(&mut h);
@@ -326,7 +326,6 @@ pub(crate) enum Route {
 /// Decoding runs on the job's thread in chunks of `decode_chunk` images, which bounds its memory.
 pub(crate) struct JobModel {
     pub inner: Arc<dyn DiffusionModel>,
-    pub job: u64,
     pub route: Route,
     pub handle: Arc<super::events::JobHandle>,
     pub decode_chunk: usize,
@@ -372,7 +371,7 @@ impl DiffusionModel for JobModel {
             Route::Batched(tx) => {
                 let (reply, rx) = std::sync::mpsc::sync_channel(1);
                 let call = ForwardCall {
-                    job: self.job,
+                    job: self.handle.seq,
                     model: self.inner.clone(),
                     x: x.clone(),
                     timesteps: timesteps.clone(),

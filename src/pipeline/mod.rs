@@ -37,11 +37,6 @@ pub struct ResolvedParams {
     pub eta: f64,
 }
 
-/// The sampler a model uses when a request names none (from its scheduler config).
-pub fn default_sampler(model: &dyn DiffusionModel) -> SamplerKind {
-    model.info().defaults.sampler
-}
-
 /// Apply the model's defaults (see [`crate::models::SamplingDefaults`]) to what the request
 /// left unset.
 pub fn resolve(model: &dyn DiffusionModel, p: &GenerationParams) -> ResolvedParams {

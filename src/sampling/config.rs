@@ -39,12 +39,6 @@ impl ScheduleConfig {
         }
     }
 
-    pub fn family(&self) -> ScheduleFamily {
-        match self {
-            Self::Vp(_) => ScheduleFamily::Vp,
-        }
-    }
-
     /// The beta-schedule config (every family tiller samples today).
     pub fn vp(&self) -> &SchedulerConfig {
         match self {
@@ -59,11 +53,6 @@ impl ScheduleConfig {
 
     pub fn prediction_type(&self) -> PredictionType {
         self.vp().prediction_type
-    }
-
-    /// The sampler a request that names none uses.
-    pub fn default_sampler(&self) -> SamplerKind {
-        self.vp().default_sampler()
     }
 }
 

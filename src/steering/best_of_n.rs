@@ -33,10 +33,11 @@ pub fn run(
     let total = sampler.num_steps();
     for i in 0..total {
         let out = r.predict(&cond, &x, i)?;
-        // x̂0 only for the progress preview; the step itself is the sampler's own.
+        // `Sampler::step` is exactly `transition(predict_x0)`; spelled out so that the step's x̂0
+        // is also the progress preview, at no extra cost.
         let x0 = sampler.predict_x0(&x, &out, i)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(n)?) } else { None };
-        x = sampler.step(&x, &out, i, z.as_ref())?;
+        x = sampler.transition(&x, &x0, i, z.as_ref())?;
         tick(progress, i + 1, total, Some(&x0))?;
     }
     let decoded_all = r.decode(&x)?;
