@@ -269,8 +269,14 @@ impl Module for LayerNorm {
     }
 }
 
-/// Multi-head scaled dot-product attention on (B, N, H·d) inputs.
+/// Multi-head scaled dot-product attention on (B, N, H·d) inputs. Without a gradient or a mask,
+/// f32 on the CPU, the fused kernel runs instead (no materialised score matrix).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    if mask.is_none() && use_fused(q) && !k.track_op() && !v.track_op() {
+        if let Some(r) = super::cpu_kernels::attention(q, k, v, heads) {
+            return r;
+        }
+    }
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
