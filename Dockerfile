@@ -9,16 +9,17 @@
 #
 # Build args:
 #   VARIANT           cuda (default) | cpu
-#   CUDA_VERSION      CUDA image tag prefix (default 12.6.3)
-#   UBUNTU            ubuntu22.04 (default) | ubuntu24.04
+#   CUDA_VERSION      CUDA image tag prefix (default 13.0.2, the toolkit scripts/build-cuda.sh
+#                     installs from PyPI; keep the two in step)
+#   UBUNTU            ubuntu24.04 (default; the CUDA 13 images)
 #   CUDA_COMPUTE_CAP  GPU compute capability for candle's kernels, e.g. 80 (A100), 89 (L4/4090),
 #                     90 (H100). Required when the build machine has no GPU to detect (the
 #                     usual case with `docker build`).
 #   RUST_VERSION      toolchain installed with rustup (default stable)
 
 ARG VARIANT=cuda
-ARG CUDA_VERSION=12.6.3
-ARG UBUNTU=ubuntu22.04
+ARG CUDA_VERSION=13.0.2
+ARG UBUNTU=ubuntu24.04
 
 # ---- build bases --------------------------------------------------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU} AS build-cuda

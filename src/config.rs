@@ -271,11 +271,16 @@ impl DeviceSpec {
         match self {
             Self::Cpu => Ok(candle_core::Device::Cpu),
             Self::Auto => {
+                // `cuda_is_available` only says the binary was built with CUDA; whether a GPU
+                // and a driver are there shows when the device is opened. A CUDA build on a
+                // machine without either serves on the CPU, as `auto` promises.
                 if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                    candle_core::Device::new_cuda(0).map_err(Into::into)
-                } else {
-                    Ok(candle_core::Device::Cpu)
+                    match candle_core::Device::new_cuda(0) {
+                        Ok(d) => return Ok(d),
+                        Err(e) => tracing::warn!("no usable CUDA device ({e}); running on the CPU"),
+                    }
                 }
+                Ok(candle_core::Device::Cpu)
             }
             Self::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
