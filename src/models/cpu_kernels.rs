@@ -142,42 +142,55 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         let pointwise = k == 1 && stride == 1 && padding == 0;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         // Patches laid out one output pixel per row (N, K): gemm is ~2x faster on the
-        // transposed view of this than on the usual (K, N) im2col matrix.
-        let mut cols = if pointwise { Vec::new() } else { vec![0f32; n * kk] };
+        // transposed view of this than on the usual (K, N) im2col matrix. Large images go in
+        // bands of output rows (at most IM2COL_BAND floats of patches each), so the buffer
+        // stays small and warm instead of hundreds of MB of fresh pages per call; the bands
+        // depend only on the image's shape, never on the batch.
+        let band_rows = (IM2COL_BAND / (ow * kk).max(1)).clamp(1, oh);
+        let mut cols = if pointwise { Vec::new() } else { vec![0f32; band_rows * ow * kk] };
         with_f32_slice(&w, |wm| {
             with_f32_slice(&x, |xd| {
                 for bi in 0..b {
                     let src = &xd[bi * c_in * h * wd..(bi + 1) * c_in * h * wd];
-                    // rhs (K × N): the input itself for a 1×1 conv, else the transposed patches.
-                    let (rhs, rhs_cs, rhs_rs) = if pointwise {
-                        (src.as_ptr(), 1, n as isize)
-                    } else {
-                        im2col(src, &mut cols, c_in, h, wd, k, stride, padding, ow);
-                        (cols.as_ptr(), kk as isize, 1)
-                    };
                     let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
-                    unsafe {
-                        gemm::gemm(
-                            c_out,
-                            n,
-                            kk,
-                            dst.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            bias.is_some(),
-                            wm.as_ptr(),
-                            1,
-                            kk as isize,
-                            rhs,
-                            rhs_cs,
-                            rhs_rs,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            par,
-                        );
+                    // rhs (K × N): the input itself for a 1×1 conv, else the transposed patches
+                    // of one band of output rows, written to the band's columns of `dst`.
+                    let bands: Vec<(usize, usize)> = if pointwise {
+                        vec![(0, oh)]
+                    } else {
+                        (0..oh).step_by(band_rows).map(|r| (r, band_rows.min(oh - r))).collect()
+                    };
+                    for (oy0, rows) in bands {
+                        let cols_n = rows * ow;
+                        let (rhs, rhs_cs, rhs_rs) = if pointwise {
+                            (src.as_ptr(), 1, n as isize)
+                        } else {
+                            im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0);
+                            (cols.as_ptr(), kk as isize, 1)
+                        };
+                        unsafe {
+                            gemm::gemm(
+                                c_out,
+                                cols_n,
+                                kk,
+                                dst[oy0 * ow..].as_mut_ptr(),
+                                1,
+                                n as isize,
+                                bias.is_some(),
+                                wm.as_ptr(),
+                                1,
+                                kk as isize,
+                                rhs,
+                                rhs_cs,
+                                rhs_rs,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                par,
+                            );
+                        }
                     }
                 }
             })
@@ -186,7 +199,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
     })())
 }
 
-/// Patches of one image, one output pixel per row: `cols[(oy·ow + ox)·K + (ci·k + ky)·k + kx]`.
+/// Floats of im2col patches per band (16 MiB).
+const IM2COL_BAND: usize = 4 << 20;
+
+/// Patches of output rows `oy0..` of one image (as many as `cols` holds), one output pixel per
+/// row: `cols[((oy - oy0)·ow + ox)·K + (ci·k + ky)·k + kx]`.
 /// Padding positions stay zero (every call writes the same positions, so reuse is safe).
 #[allow(clippy::too_many_arguments)]
 fn im2col(
@@ -199,9 +216,11 @@ fn im2col(
     stride: usize,
     padding: usize,
     ow: usize,
+    oy0: usize,
 ) {
     let kk = c_in * k * k;
-    cols.par_chunks_mut(ow * kk).enumerate().for_each(|(oy, rows)| {
+    cols.par_chunks_mut(ow * kk).enumerate().for_each(|(r, rows)| {
+        let oy = oy0 + r;
         for ci in 0..c_in {
             let plane = &src[ci * h * wd..(ci + 1) * h * wd];
             for ky in 0..k {
@@ -520,6 +539,21 @@ mod tests {
             let bt: Vec<f32> = one(&batched).flatten_all().unwrap().to_vec1().unwrap();
             assert!(a.iter().zip(&bt).all(|(x, y)| x.to_bits() == y.to_bits()), "row {i} changed with the batch");
         }
+    }
+
+    #[test]
+    fn conv2d_in_bands_matches_candle() {
+        // 64 channels at 128x128: 73,728 patch floats per output row, so the image is
+        // convolved in three bands of output rows (56, 56, 16).
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 64, 128, 128), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.05, (8, 64, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, 8, &dev).unwrap();
+        assert!(IM2COL_BAND / (128 * 64 * 9) < 128, "the test no longer splits the image");
+        let fast = conv2d(&x, &w, Some(&b), 1, 1).unwrap().unwrap();
+        let slow = x.conv2d(&w, 1, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, 8, 1, 1)).unwrap()).unwrap();
+        let d: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-4, "banded conv differs by {d}");
     }
 
     #[test]
