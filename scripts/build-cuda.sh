@@ -77,8 +77,12 @@ readelf -d "$bin" | grep -E 'NEEDED.*(libcuda\.so\.1|libcublas)' >&2
 smoke="$(mktemp -d)"
 trap 'rm -rf "$smoke"' EXIT
 LD_LIBRARY_PATH="$root/lib:$root/lib64/stubs" "$bin" generate --model models/shapes --prompt "a red circle" \
-    --steps 2 --seed 1 --output "$smoke/cpu.png" --quiet
+    --steps 2 --seed 1 --output "$smoke/cpu.png" --save-latents "$smoke/cpu.safetensors" --quiet
 test -s "$smoke/cpu.png"
+# The GPU check's comparison, on two CPU runs that must agree exactly (a replay of the first).
+LD_LIBRARY_PATH="$root/lib:$root/lib64/stubs" "$bin" generate --model models/shapes --prompt "a red circle" \
+    --steps 2 --seed 1 --init-latents "$smoke/cpu.safetensors" --save-latents "$smoke/replay.safetensors" --quiet
+python3 scripts/gpu/compare.py "$smoke/cpu.safetensors" "$smoke/replay.safetensors" 0 "cpu replay"
 if LD_LIBRARY_PATH="$root/lib:$root/lib64/stubs" "$bin" generate --model models/shapes --prompt "a red circle" \
     --steps 2 --seed 1 --device cuda:0 --output "$smoke/gpu.png" --quiet 2>"$smoke/gpu.err"; then
     echo "the CUDA build claims a GPU on a machine without one" >&2
