@@ -92,9 +92,14 @@ impl Linear {
     }
 }
 
-/// Largest rows × outputs product that gemm computes with its small-matrix kernels (see
-/// `gemm-common`'s dispatch): at or below it a row's rounding depends on the other rows.
-const SMALL_PRODUCT: usize = 256;
+/// Whether gemm may compute a sample's `rows × k` by `k × n` product differently alone than
+/// stacked with other samples (more rows), following `gemm-common`'s dispatch: products of at
+/// most 256 outputs take a horizontal kernel; a single row takes a matrix-vector kernel; and
+/// matrices of at most 64 × 64 block the reduction by 512 where larger ones block it evenly, which
+/// matters once k exceeds 512. Otherwise the main kernel's reduction order depends on k alone.
+fn batch_changes_rounding(rows: usize, k: usize, n: usize) -> bool {
+    rows * n <= 256 || rows == 1 || (rows <= 64 && n <= 64 && k > 512)
+}
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -103,18 +108,17 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim;
         let x2 = x.reshape((rows, in_dim))?;
         // A sample's output must not depend on what else is in the batch (the engine stacks
-        // rows of different requests). gemm's main kernel reduces every output element in the
-        // same order whatever the row count, but for small products (rows × outputs ≤ 256) it
-        // switches to other kernels, whose rounding differs: the time-embedding layers of a
-        // 2-row batch took one path and of a 16-row batch the other. So a sample whose own
-        // product is that small is multiplied on its own; larger ones share one product.
+        // rows of different requests). Where gemm would pick another kernel or blocking for the
+        // stacked product than for one sample's (`batch_changes_rounding`), each sample is
+        // multiplied on its own; otherwise they share one product.
         let samples = if dims.len() >= 2 { dims[0].max(1) } else { 1 };
         let per = rows / samples;
-        let out_dim = self.weight.dim(0)?;
-        let small = per * out_dim <= SMALL_PRODUCT
-            || self.lora.iter().any(|l| per * l.down.dim(0).unwrap_or(0) <= SMALL_PRODUCT);
-        let samples = if small { samples } else { 1 };
-        let per = rows / samples;
+        let own = batch_changes_rounding(per, in_dim, self.weight.dim(0)?)
+            || self.lora.iter().try_fold(false, |any, l| -> Result<bool> {
+                let rank = l.down.dim(0)?;
+                Ok(any || batch_changes_rounding(per, in_dim, rank) || batch_changes_rounding(per, rank, l.up.dim(0)?))
+            })?;
+        let (samples, per) = if own { (samples, per) } else { (1, rows) };
         let product = |a: &Tensor| -> Result<Tensor> {
             let mut y = a.matmul(&self.weight.t()?)?;
             for l in &self.lora {
@@ -339,6 +343,30 @@ impl Activation {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Each sample's output of a batched `Linear` equals the sample alone, bit for bit, on the
+    /// shapes where gemm picks another kernel or blocking for the batch than for one sample:
+    /// one row per sample (alone a matrix-vector product), a small product (rows × outputs ≤
+    /// 256), and narrow outputs over a long reduction (alone ≤ 64 × 64, blocked by 512).
+    #[test]
+    fn linear_rows_do_not_depend_on_the_batch() {
+        let dev = Device::Cpu;
+        for (per, in_dim, out_dim) in [(1, 64, 300), (4, 32, 60), (10, 600, 32), (100, 96, 200)] {
+            let weight = Tensor::randn(0f32, 0.1, (out_dim, in_dim), &dev).unwrap();
+            let linear = Linear { weight, bias: None, lora: Vec::new() };
+            let x = Tensor::randn(0f32, 1.0, (8, per, in_dim), &dev).unwrap();
+            let batched = linear.forward(&x).unwrap();
+            for i in 0..8 {
+                let alone = linear.forward(&x.narrow(0, i, 1).unwrap()).unwrap();
+                let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = batched.narrow(0, i, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "per {per}, {in_dim} -> {out_dim}: sample {i} changed with the batch"
+                );
+            }
+        }
+    }
 
     fn fd_check(f: impl Fn(&Tensor) -> Result<Tensor>, x0: &Tensor) {
         let var = Var::from_tensor(x0).unwrap();
