@@ -41,7 +41,8 @@ ln -sfn .. "$root/targets/x86_64-linux"
 # Unversioned names for the linker, and the driver stub.
 mkdir -p "$root/lib64/stubs"
 for lib in cudart cublas cublasLt curand nvrtc; do
-    real="$(cd "$root/lib" && ls "lib$lib.so."* | grep -v builtins | grep -v '\.alt\.' | head -n1)"
+    real="$(cd "$root/lib" && ls "lib$lib.so."* 2>/dev/null | grep -v builtins | grep -v '\.alt\.' | head -n1 || true)"
+    [ -n "$real" ] || { echo "no lib$lib.so.* in $root/lib: the CUDA wheels are incomplete" >&2; exit 1; }
     ln -sfn "../lib/$real" "$root/lib64/lib$lib.so"
 done
 ln -sfn ../lib/libcudadevrt.a "$root/lib64/libcudadevrt.a"

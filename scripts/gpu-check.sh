@@ -19,7 +19,8 @@
 #      pipeline, for the ratio. Skipped, and said so, otherwise.
 #
 # Env: TILLER_BIN (default target/cuda/release/tiller), TILLER_CUDA_LIBS (directory with the
-# CUDA 13 runtime libraries, default: the .venv-cuda wheels when present, else the system's).
+# CUDA 13 runtime libraries, default: the wheels in TILLER_CUDA_VENV (.venv-cuda) when present,
+# else the system's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ failures=0
 
 libs="${TILLER_CUDA_LIBS:-}"
 if [ -z "$libs" ]; then
-    libs="$(ls -d .venv-cuda/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n1 || true)"
+    libs="$(ls -d "${TILLER_CUDA_VENV:-.venv-cuda}"/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -n1 || true)"
 fi
 [ -n "$libs" ] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 

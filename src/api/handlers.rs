@@ -177,7 +177,7 @@ async fn create_image_inner(state: &AppState, p: Prepared, t0: Instant) -> Resul
     let handle = state.engine.submit(p.job.clone()).map_err(|e| submit_error(e, &state.engine))?;
     // Dropping the guard (timeout, or this future dropped because the client went away)
     // cancels the job before its next denoiser call.
-    let _guard = CancelOnDrop(Some(handle.clone()));
+    let _guard = CancelOnDrop(handle.clone());
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
     let outcome = match tokio::time::timeout(timeout, handle.wait()).await {
         Ok(ev) => ev,

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -30,7 +30,6 @@ use crate::engine::{JobEvent, JobHandle, JobStatus};
 struct Entry {
     handle: Arc<JobHandle>,
     prepared: Arc<Prepared>,
-    submitted: Instant,
 }
 
 /// The jobs the server knows, by id, and the idempotency keys that name them.
@@ -95,12 +94,12 @@ pub struct JobProgress {
     pub total: usize,
 }
 
-fn info(handle: &JobHandle, p: &Prepared, submitted: Instant) -> Result<JobInfo, ApiError> {
+fn info(handle: &JobHandle, p: &Prepared) -> Result<JobInfo, ApiError> {
     let status = handle.status();
     let (mut result, mut error) = (None, None);
     match handle.outcome() {
         Some(JobEvent::Completed(out)) => {
-            let total_ms = handle.finished_at().map(|t| t.duration_since(submitted)).unwrap_or_default();
+            let total_ms = handle.finished_at().map(|t| t.duration_since(handle.submitted)).unwrap_or_default();
             let total_ms = total_ms.as_secs_f64() * 1e3;
             let mut data = Vec::with_capacity(out.images.len());
             for img in &out.images {
@@ -225,7 +224,7 @@ fn create_job_inner(
                 ));
             }
             if let Some(e) = s.jobs.get(id) {
-                return Ok((StatusCode::OK, info(&e.handle, &e.prepared, e.submitted)?));
+                return Ok((StatusCode::OK, info(&e.handle, &e.prepared)?));
             }
         }
     }
@@ -238,7 +237,7 @@ fn create_job_inner(
                 .jobs
                 .iter()
                 .filter(|(_, e)| e.handle.finished_at().is_some())
-                .min_by_key(|(_, e)| e.submitted)
+                .min_by_key(|(_, e)| e.handle.seq)
                 .map(|(id, _)| id.clone());
             match oldest {
                 Some(id) => {
@@ -265,12 +264,11 @@ fn create_job_inner(
         }
     });
     let prepared = Arc::new(prepared);
-    let submitted = Instant::now();
-    let out = info(&handle, &prepared, submitted)?;
+    let out = info(&handle, &prepared)?;
     if let Some(k) = key {
         s.keys.insert((scope, k), (fingerprint, handle.id.clone()));
     }
-    s.jobs.insert(handle.id.clone(), Entry { handle, prepared, submitted });
+    s.jobs.insert(handle.id.clone(), Entry { handle, prepared });
     Ok((StatusCode::ACCEPTED, out))
 }
 
@@ -289,10 +287,9 @@ fn create_job_inner(
     security((), ("api_key" = []))
 )]
 pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobInfo>, ApiError> {
-    let mut s = state.jobs.inner.lock().unwrap();
-    state.jobs.sweep(&mut s);
-    let e = s.jobs.get(&id).ok_or_else(|| not_found(&id))?;
-    Ok(Json(info(&e.handle, &e.prepared, e.submitted)?))
+    // Encoding the result happens after the store's lock is released.
+    let (handle, prepared) = state.jobs.get(&id).ok_or_else(|| not_found(&id))?;
+    Ok(Json(info(&handle, &prepared)?))
 }
 
 /// Cancel a job: a queued job never starts, a running one stops before its next denoiser call.
@@ -323,8 +320,7 @@ pub async fn delete_job(State(state): State<AppState>, Path(id): Path<String>) -
         }
         _ => state.engine.cancel(&handle),
     }
-    let submitted = handle.submitted;
-    Ok(Json(info(&handle, &prepared, submitted)?))
+    Ok(Json(info(&handle, &prepared)?))
 }
 
 /// A job's events as Server-Sent Events.
@@ -379,11 +375,8 @@ pub async fn job_events(State(state): State<AppState>, Path(id): Path<String>, h
             let mut out = match ev {
                 JobEvent::Queued => own("tiller.queued", serde_json::json!({"type": "tiller.queued"})),
                 JobEvent::Started => own("tiller.started", serde_json::json!({"type": "tiller.started"})),
-                JobEvent::Step { step, total } => {
-                    own("tiller.progress", serde_json::json!({"type": "tiller.progress", "step": step, "total": total}))
-                }
                 JobEvent::Cancelled => own("tiller.cancelled", serde_json::json!({"type": "tiller.cancelled"})),
-                other => super::stream::openai_events(&prepared, other, t0, &size, tokens, false),
+                other => super::stream::openai_events(&prepared, other, t0, &size, tokens, true),
             };
             let several = out.len() > 1;
             for (i, e) in out.iter_mut().enumerate() {

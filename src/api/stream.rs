@@ -184,7 +184,7 @@ pub(crate) async fn images_stream(state: AppState, p: Prepared, t0: Instant) -> 
     let size = format!("{}x{}", p.job.params.width.unwrap_or(0), p.job.params.height.unwrap_or(0));
     let tokens = p.job.params.prompt.split_whitespace().count() as u64;
     let timeout = Duration::from_secs(state.limits.request_timeout_secs);
-    let guard = CancelOnDrop(Some(handle.clone()));
+    let guard = CancelOnDrop(handle.clone());
     let p = Arc::new(p);
     let progress = p.stream_progress;
     let events = follow(handle, 0, 0, timeout, Some(guard), super::handlers::timeout_error(&state), move |_, ev| {

@@ -28,7 +28,6 @@ pub enum JobEvent {
     /// A decoded preview of x̂0 (PNG), `index` counting from 0.
     Partial {
         index: usize,
-        step: usize,
         png: Arc<Vec<u8>>,
     },
     Completed(Arc<JobOutput>),
@@ -124,18 +123,14 @@ impl JobHandle {
     }
 
     pub fn status(&self) -> JobStatus {
-        let log = self.log.lock().unwrap();
-        let mut status = JobStatus::Queued;
-        for ev in log.iter() {
-            status = match ev {
-                JobEvent::Queued => JobStatus::Queued,
-                JobEvent::Started | JobEvent::Step { .. } | JobEvent::Partial { .. } => JobStatus::Running,
-                JobEvent::Completed(_) => JobStatus::Succeeded,
-                JobEvent::Failed(_) => JobStatus::Failed,
-                JobEvent::Cancelled => JobStatus::Cancelled,
-            };
+        // Every event sets the status on its own, so the last one decides.
+        match self.log.lock().unwrap().last() {
+            None | Some(JobEvent::Queued) => JobStatus::Queued,
+            Some(JobEvent::Started | JobEvent::Step { .. } | JobEvent::Partial { .. }) => JobStatus::Running,
+            Some(JobEvent::Completed(_)) => JobStatus::Succeeded,
+            Some(JobEvent::Failed(_)) => JobStatus::Failed,
+            Some(JobEvent::Cancelled) => JobStatus::Cancelled,
         }
-        status
     }
 
     /// The last step event, as (step, total).
@@ -180,16 +175,14 @@ impl JobHandle {
     }
 }
 
-/// Cancels the job when dropped unless disarmed: the synchronous endpoints hold one, so a client
+/// Cancels the job when dropped before it ended: the synchronous endpoints hold one, so a client
 /// that hangs up (or a request that times out) stops the work it asked for.
-pub struct CancelOnDrop(pub Option<Arc<JobHandle>>);
+pub struct CancelOnDrop(pub Arc<JobHandle>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(h) = self.0.take() {
-            if !h.status().is_terminal() {
-                h.cancel();
-            }
+        if !self.0.status().is_terminal() {
+            self.0.cancel();
         }
     }
 }

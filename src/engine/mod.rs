@@ -328,8 +328,6 @@ pub struct Estimate {
     pub bytes: u64,
     /// Denoiser rows × latent elements × steps.
     pub cost: u64,
-    /// Rows of the job's largest denoiser call.
-    pub rows_per_call: usize,
 }
 
 /// Estimate the peak memory of `job` on `model`: one forward of its rows (capped at the batch
@@ -344,7 +342,7 @@ pub fn estimate(model: &dyn DiffusionModel, job: &Job, opts: &EngineOptions) -> 
     let (lh, lw) = (r.height / f, r.width / f);
     let n = job.params.n.max(1) as f64;
     let k = job.steering.spec.latents_per_image() as f64;
-    let cfg = if r.guidance_scale > 1.0 && !info.guidance_embedding { 2.0 } else { 1.0 };
+    let cfg = if crate::pipeline::uses_cfg(model, r.guidance_scale) { 2.0 } else { 1.0 };
     let latents = n * k;
     let rows = latents * cfg;
     let fwd_row = model.forward_bytes_per_row(lh, lw) as f64;
@@ -366,7 +364,7 @@ pub fn estimate(model: &dyn DiffusionModel, job: &Job, opts: &EngineOptions) -> 
     };
     let bytes = fwd + decode + state + reno + (16u64 << 20) as f64;
     let cost = rows * latent / 4.0 * calls;
-    Estimate { bytes: bytes as u64, cost: cost as u64, rows_per_call: rows as usize }
+    Estimate { bytes: bytes as u64, cost: cost as u64 }
 }
 
 impl Engine {
@@ -871,7 +869,7 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
         if next_preview < previews.len() && previews[next_preview] <= p.step {
             if let Some(x0) = &p.x0 {
                 if let Some(png) = preview_png(variant_model.as_ref(), x0) {
-                    handle.push(JobEvent::Partial { index: next_preview, step: p.step, png: Arc::new(png) });
+                    handle.push(JobEvent::Partial { index: next_preview, png: Arc::new(png) });
                 }
             }
             next_preview += 1;

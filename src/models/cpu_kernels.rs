@@ -81,6 +81,13 @@ fn lanes_reduce(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32
     r
 }
 
+/// `row[i] = exp(row[i] − max)` in place; returns the sum of the new values (vectorisable).
+#[inline(always)]
+fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
+    row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
+    lanes_reduce(row, 0.0, |a, b| a + b)
+}
+
 /// Softmax over the last dimension of an f32 CPU tensor. `None` when the fast path does not
 /// apply.
 pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
@@ -100,8 +107,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
                     row.iter_mut().for_each(|v| *v = f32::NAN);
                     continue;
                 }
-                row.iter_mut().for_each(|v| *v = fast_exp(*v - m));
-                let inv = 1.0 / lanes_reduce(row, 0.0, |a, b| a + b);
+                let inv = 1.0 / exp_shifted_sum(row, m);
                 row.iter_mut().for_each(|v| *v *= inv);
             }
         });
@@ -132,6 +138,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         let kk = c_in * k * k;
         let mut out = vec![0f32; b * c_out * n];
         if let Some(bias) = bias {
+            if bias.dims1()? != c_out {
+                candle_core::bail!("conv2d: bias {:?} for {c_out} output channels", bias.dims());
+            }
             let bv = bias.to_vec1::<f32>()?;
             for (plane, &bc) in out.chunks_exact_mut(n).zip(bv.iter().cycle()) {
                 plane.fill(bc);
@@ -147,52 +156,55 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         // stays small and warm instead of hundreds of MB of fresh pages per call; the bands
         // depend only on the image's shape, never on the batch.
         let band_rows = (IM2COL_BAND / (ow * kk).max(1)).clamp(1, oh);
-        let mut cols = if pointwise { Vec::new() } else { vec![0f32; band_rows * ow * kk] };
-        with_f32_slice(&w, |wm| {
-            with_f32_slice(&x, |xd| {
-                for bi in 0..b {
-                    let src = &xd[bi * c_in * h * wd..(bi + 1) * c_in * h * wd];
-                    let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
-                    // rhs (K × N): the input itself for a 1×1 conv, else the transposed patches
-                    // of one band of output rows, written to the band's columns of `dst`.
-                    let bands: Vec<(usize, usize)> = if pointwise {
-                        vec![(0, oh)]
-                    } else {
-                        (0..oh).step_by(band_rows).map(|r| (r, band_rows.min(oh - r))).collect()
-                    };
-                    for (oy0, rows) in bands {
-                        let cols_n = rows * ow;
-                        let (rhs, rhs_cs, rhs_rs) = if pointwise {
-                            (src.as_ptr(), 1, n as isize)
-                        } else {
-                            im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0);
-                            (cols.as_ptr(), kk as isize, 1)
-                        };
-                        unsafe {
-                            gemm::gemm(
-                                c_out,
-                                cols_n,
-                                kk,
-                                dst[oy0 * ow..].as_mut_ptr(),
-                                1,
-                                n as isize,
-                                bias.is_some(),
-                                wm.as_ptr(),
-                                1,
-                                kk as isize,
-                                rhs,
-                                rhs_cs,
-                                rhs_rs,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                par,
-                            );
+        let band_len = if pointwise { 0 } else { band_rows * ow * kk };
+        let (band_rows, bands) = if pointwise { (oh, 1) } else { (band_rows, oh.div_ceil(band_rows)) };
+        IM2COL_BUFFER.with_borrow_mut(|cols| {
+            // Reused between calls on this thread: `im2col` writes every element it hands to gemm.
+            if cols.len() < band_len {
+                cols.resize(band_len, 0.0);
+            }
+            with_f32_slice(&w, |wm| {
+                with_f32_slice(&x, |xd| {
+                    for bi in 0..b {
+                        let src = &xd[bi * c_in * h * wd..(bi + 1) * c_in * h * wd];
+                        let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
+                        // rhs (K × N): the input itself for a 1×1 conv, else the transposed patches
+                        // of one band of output rows, written to the band's columns of `dst`.
+                        for band in 0..bands {
+                            let oy0 = band * band_rows;
+                            let cols_n = band_rows.min(oh - oy0) * ow;
+                            let (rhs, rhs_cs, rhs_rs) = if pointwise {
+                                (src.as_ptr(), 1, n as isize)
+                            } else {
+                                im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0);
+                                (cols.as_ptr(), kk as isize, 1)
+                            };
+                            unsafe {
+                                gemm::gemm(
+                                    c_out,
+                                    cols_n,
+                                    kk,
+                                    dst[oy0 * ow..].as_mut_ptr(),
+                                    1,
+                                    n as isize,
+                                    bias.is_some(),
+                                    wm.as_ptr(),
+                                    1,
+                                    kk as isize,
+                                    rhs,
+                                    rhs_cs,
+                                    rhs_rs,
+                                    1.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    par,
+                                );
+                            }
                         }
                     }
-                }
+                })
             })
         })??;
         Tensor::from_vec(out, (b, c_out, oh, ow), x.device())
@@ -202,9 +214,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
 /// Floats of im2col patches per band (16 MiB).
 const IM2COL_BAND: usize = 4 << 20;
 
+thread_local! {
+    /// The im2col band buffer of this thread, kept between convolutions (at most 16 MiB).
+    static IM2COL_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Patches of output rows `oy0..` of one image (as many as `cols` holds), one output pixel per
 /// row: `cols[((oy - oy0)·ow + ox)·K + (ci·k + ky)·k + kx]`.
-/// Padding positions stay zero (every call writes the same positions, so reuse is safe).
+/// Every element is written, padding positions as zeros, so the buffer can be reused.
 #[allow(clippy::too_many_arguments)]
 fn im2col(
     src: &[f32],
@@ -274,10 +291,10 @@ fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused attention needs contiguous inputs".into()))?;
+        .ok_or_else(|| candle_core::Error::Msg("CPU kernel: input is not contiguous".into()))?;
     match &*storage {
         candle_core::Storage::Cpu(cpu) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
-        _ => candle_core::bail!("fused attention runs on the CPU only"),
+        _ => candle_core::bail!("CPU kernel called on a tensor that is not on the CPU"),
     }
 }
 
@@ -354,8 +371,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
                                 for (i, srow) in s.chunks_exact_mut(cols).enumerate() {
                                     let tile_max = lanes_reduce(srow, f32::NEG_INFINITY, f32::max);
                                     let new_max = row_max[i].max(tile_max);
-                                    srow.iter_mut().for_each(|x| *x = fast_exp(*x - new_max));
-                                    let tile_sum = lanes_reduce(srow, 0.0, |a, b| a + b);
+                                    let tile_sum = exp_shifted_sum(srow, new_max);
                                     if row_max[i] != f32::NEG_INFINITY && new_max != row_max[i] {
                                         let c = fast_exp(row_max[i] - new_max);
                                         row_sum[i] *= c;

@@ -63,7 +63,6 @@ fn d_true() -> bool {
 }
 
 impl AutoencoderKLConfig {
-    /// Pixels per latent pixel: 2^(number of blocks − 1).
     /// Upper estimate of the memory decoding one latent of `h`×`w` needs, in bytes (f32): a
     /// working set of the largest feature map (full resolution, widest decoder channels there),
     /// the mid block's single-head attention over the h·w latent pixels, and the image itself.
@@ -82,6 +81,7 @@ impl AutoencoderKLConfig {
         (4.0 * (48.0 * widest + 3.0 * tokens * tokens + 3.0 * lh * lw)) as u64
     }
 
+    /// Pixels per latent pixel: 2^(number of blocks − 1).
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len().saturating_sub(1))
     }

@@ -62,8 +62,8 @@ pub fn resolve_for(info: &ModelInfo, p: &GenerationParams) -> ResolvedParams {
 pub struct Progress {
     pub step: usize,
     pub total: usize,
-    /// The predicted clean latents x̂0 at this step, one row per latent of the batch (image-major),
-    /// when the strategy has them; a server decodes row 0 as a preview.
+    /// The predicted clean latents x̂0 at this step, when the strategy has them: row 0 is the
+    /// first image's, which a server decodes as a preview.
     pub x0: Option<Tensor>,
 }
 
@@ -145,12 +145,6 @@ impl NoiseSource for PerImageNoise {
 /// as an embedding (diffusers' rule).
 pub fn uses_cfg(model: &dyn DiffusionModel, guidance_scale: f64) -> bool {
     guidance_scale > 1.0 && !model.info().guidance_embedding
-}
-
-/// Denoiser evaluations one step costs for a request (two per latent under CFG).
-pub fn evals_per_step(model: &dyn DiffusionModel, p: &GenerationParams) -> usize {
-    let r = resolve(model, p);
-    p.n.max(1) * if uses_cfg(model, r.guidance_scale) { 2 } else { 1 }
 }
 
 /// Prompt conditioning for one request, with the guidance rule resolved.

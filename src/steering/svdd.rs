@@ -97,8 +97,8 @@ pub fn run(
         }
         x = gather(&cands, &rows)?;
         cached = Some(gather(&out_c, &rows)?);
-        let x0_chosen = gather(&x0_c, &rows)?;
-        tick(progress, i + 1, total, Some(&x0_chosen))?;
+        // The preview is the first image's chosen x̂0: a view, not a gather of every group.
+        tick(progress, i + 1, total, Some(&x0_c.narrow(0, rows[0] as usize, 1)?))?;
     }
 
     let decoded = r.decode(&x)?;
