@@ -305,6 +305,33 @@ pub fn resolve_model_dir(model: &str, models_dir: &Path) -> Result<(String, Path
     Ok((name, dir))
 }
 
+/// Load a model and merge the `--lora` adapters into it (reported on stderr).
+pub fn load_with_loras(
+    name: &str,
+    dir: &Path,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    lora: &[String],
+    adapters_dir: &Path,
+) -> Result<std::sync::Arc<dyn crate::models::DiffusionModel>> {
+    let adapters = load_loras(lora, adapters_dir)?;
+    let model = crate::models::loader::load_model(name, dir, device, dtype)?;
+    if adapters.is_empty() {
+        return Ok(model);
+    }
+    use crate::adapters::registry::{MergePolicy, VariantCache};
+    let (variant, info) = VariantCache::new(usize::MAX, MergePolicy::Always, false)
+        .get(name, &model, &adapters)
+        .map_err(|e| TillerError::field("lora", e.to_string()))?;
+    let list: Vec<String> = adapters
+        .items
+        .iter()
+        .map(|(a, s)| format!("{} ×{s} ({:?}, {} modules)", a.name, a.file.format, a.file.layers.len()))
+        .collect();
+    eprintln!("adapters: {}; merged in {:.0} ms", list.join(", "), info.map(|i| i.build_ms).unwrap_or_default());
+    Ok(variant)
+}
+
 /// Run `tiller generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     if args.n == 0 {
@@ -317,23 +344,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Some(p) => Some(crate::util::tensor_io::load_init_latents(p)?),
         None => None,
     };
-    let adapters = load_loras(&args.lora, &args.adapters_dir)?;
-    let model = crate::models::loader::load_model(&name, &dir, &device, dtype)?;
-    let model = if adapters.is_empty() {
-        model
-    } else {
-        use crate::adapters::registry::{MergePolicy, VariantCache};
-        let (variant, info) = VariantCache::new(usize::MAX, MergePolicy::Always, false)
-            .get(&name, &model, &adapters)
-            .map_err(|e| TillerError::field("lora", e.to_string()))?;
-        let list: Vec<String> = adapters
-            .items
-            .iter()
-            .map(|(a, s)| format!("{} ×{s} ({:?}, {} modules)", a.name, a.file.format, a.file.layers.len()))
-            .collect();
-        eprintln!("adapters: {}; merged in {:.0} ms", list.join(", "), info.map(|i| i.build_ms).unwrap_or_default());
-        variant
-    };
+    let model = load_with_loras(&name, &dir, &device, dtype, &args.lora, &args.adapters_dir)?;
     let seed = args.seed.unwrap_or_else(|| rand::random::<u64>() >> 11);
     let params = GenerationParams {
         prompt: args.prompt.clone(),
@@ -348,10 +359,18 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         seed,
         init_latents,
     };
-    let steering = steering_request(args, &device)?;
+    let steering = steering_request(
+        args.steering.as_deref(),
+        args.reward.as_deref(),
+        args.trace,
+        args.config.as_deref(),
+        &args.models_dir,
+        &device,
+    )?;
+    check_steering_plan(model.as_ref(), &params, &steering.spec, args.config.as_deref())?;
     let resolved = crate::steering::resolve(model.info(), &params, &steering.spec);
     eprintln!(
-        "model {name}: {}x{}, {} steps of {:?}, guidance {}, seed {seed}",
+        "model {name}: {}x{}, {} steps of {}, guidance {}, seed {seed}",
         resolved.width, resolved.height, resolved.steps, resolved.scheduler, resolved.guidance_scale
     );
     let bar = indicatif::ProgressBar::new(resolved.steps as u64);
@@ -427,12 +446,38 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 }
 
 /// Run `tiller models`.
-/// Parse `--steering` / `--reward` and build the reward from the built-ins and the config's
-/// `[rewards.*]`, with the same checks as the HTTP API.
-fn steering_request(args: &GenerateArgs, device: &candle_core::Device) -> Result<crate::steering::SteeringRequest> {
+/// The checks of [`crate::steering::check_plan`] for a local run, with the config's ReNO step cap.
+pub fn check_steering_plan(
+    model: &dyn crate::models::DiffusionModel,
+    params: &GenerationParams,
+    spec: &crate::steering::SteeringSpec,
+    config: Option<&Path>,
+) -> Result<()> {
+    let resolved = crate::steering::resolve(model.info(), params, spec);
+    if let Ok(sampler) =
+        crate::sampling::build_for(resolved.scheduler, &model.info().scheduler, resolved.steps, resolved.eta)
+    {
+        let max_reno_steps = Config::load(config)?.limits.max_reno_steps;
+        crate::steering::check_plan(spec, sampler.as_ref(), max_reno_steps)
+            .map_err(|e| TillerError::field(e.field("scheduler"), e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Parse `--steering` / `--reward` and build the reward from the built-ins, the rewards shipped
+/// under the models directory and the config's `[rewards.*]`, with the same checks as the HTTP
+/// API.
+pub fn steering_request(
+    steering: Option<&str>,
+    reward: Option<&str>,
+    trace: bool,
+    config: Option<&Path>,
+    models_dir: &Path,
+    device: &candle_core::Device,
+) -> Result<crate::steering::SteeringRequest> {
     use crate::reward::{RewardError, RewardRegistry, RewardSpec};
     use crate::steering::{SteeringLimits, SteeringSpec};
-    let spec: SteeringSpec = match &args.steering {
+    let spec: SteeringSpec = match steering {
         // The HTTP API's parser, so that errors name the field the same way.
         Some(j) => {
             let v: serde_json::Value =
@@ -443,24 +488,24 @@ fn steering_request(args: &GenerateArgs, device: &candle_core::Device) -> Result
         }
         None => SteeringSpec::None,
     };
-    let lim = SteeringLimits { max_particles: usize::MAX, max_reno_iterations: usize::MAX };
-    spec.validate(&lim).map_err(|(f, m)| TillerError::field(f, m))?;
+    spec.validate(&SteeringLimits::unlimited()).map_err(|(f, m)| TillerError::field(f, m))?;
     let to_err = |e: RewardError| match e {
         RewardError::Invalid { field, message } => TillerError::field(field, message),
         other => TillerError::field("reward", other.to_string()),
     };
-    let reward = match &args.reward {
+    let reward = match reward {
         Some(j) => {
             let v: serde_json::Value = serde_json::from_str(j)
                 .or_else(|_| serde_json::from_str(&format!("\"{j}\"")))
                 .map_err(|e| TillerError::field("reward", e.to_string()))?;
             let spec = RewardSpec::parse(&v).map_err(to_err)?;
-            let cfg = Config::load(args.config.as_deref())?;
-            Some(RewardRegistry::new(&cfg.rewards, device)?.build(&spec).map_err(to_err)?)
+            let cfg = Config::load(config)?;
+            let configs = crate::reward::registry::with_shipped(&cfg.rewards, models_dir);
+            Some(RewardRegistry::new(&configs, device)?.build(&spec).map_err(to_err)?)
         }
         None => None,
     };
-    Ok(crate::steering::SteeringRequest { spec, reward, trace: args.trace })
+    Ok(crate::steering::SteeringRequest { spec, reward, trace })
 }
 
 pub fn list_models(args: &ModelsArgs) -> Result<()> {

@@ -163,6 +163,10 @@ pub struct Limits {
     pub max_particles: usize,
     /// Steering: ReNO iterations per request.
     pub max_reno_iterations: usize,
+    /// Steering: sampling steps of a ReNO request. ReNO backpropagates through every step of
+    /// every iteration, keeping each step's activations; it is made for one- to four-step
+    /// generators.
+    pub max_reno_steps: usize,
     /// Peak memory the running jobs may use together, by their estimates, in MiB; a request
     /// that would need more on its own is refused (422). Unset = half the machine's memory.
     pub memory_budget_mib: Option<u64>,
@@ -205,6 +209,7 @@ impl Default for Limits {
             request_timeout_secs: 300,
             max_particles: 64,
             max_reno_iterations: 200,
+            max_reno_steps: 4,
             memory_budget_mib: None,
             max_running_jobs: 16,
             max_batch_rows: 16,
@@ -420,7 +425,7 @@ impl Config {
         if let Some(v) = nonempty("TILLER_MEMORY_BUDGET_MIB") {
             l.memory_budget_mib = Some(parse("TILLER_MEMORY_BUDGET_MIB", &v)?);
         }
-        let usize_vars: [(&str, &mut usize); 8] = [
+        let usize_vars: [(&str, &mut usize); 9] = [
             ("TILLER_MAX_N", &mut l.max_n),
             ("TILLER_MAX_RUNNING_JOBS", &mut l.max_running_jobs),
             ("TILLER_MAX_BATCH_ROWS", &mut l.max_batch_rows),
@@ -429,6 +434,7 @@ impl Config {
             ("TILLER_MAX_BODY_BYTES", &mut l.max_body_bytes),
             ("TILLER_QUEUE_DEPTH", &mut l.queue_depth),
             ("TILLER_MAX_PARTICLES", &mut l.max_particles),
+            ("TILLER_MAX_RENO_STEPS", &mut l.max_reno_steps),
         ];
         for (var, slot) in usize_vars {
             if let Some(v) = nonempty(var) {
@@ -474,6 +480,7 @@ impl Config {
             ("limits.request_timeout_secs", l.request_timeout_secs as usize),
             ("limits.max_particles", l.max_particles),
             ("limits.max_reno_iterations", l.max_reno_iterations),
+            ("limits.max_reno_steps", l.max_reno_steps),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -515,6 +522,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TILLER_REQUEST_TIMEOUT_SECS", "limits.request_timeout_secs"),
     ("TILLER_MAX_PARTICLES", "limits.max_particles"),
     ("TILLER_MAX_RENO_ITERATIONS", "limits.max_reno_iterations"),
+    ("TILLER_MAX_RENO_STEPS", "limits.max_reno_steps"),
     ("TILLER_MEMORY_BUDGET_MIB", "limits.memory_budget_mib"),
     ("TILLER_MAX_RUNNING_JOBS", "limits.max_running_jobs"),
     ("TILLER_MAX_BATCH_ROWS", "limits.max_batch_rows"),

@@ -96,8 +96,9 @@ fn fk_writes_pngs_rewards_and_trace_lines() {
 
     // 10 steps × 4 particles × 2 images, no CFG on a prompt-free model.
     assert!(stderr.contains("done (fk): 80 denoiser evaluations"), "{stderr}");
-    // Resampling at step 5, then the terminal scoring: 2 × 4 particles each time.
-    assert!(stderr.contains("16 reward evaluations"), "{stderr}");
+    // The default schedule for 10 steps: every step from 2 to 8 (the 0.2–0.8 window), then the
+    // terminal scoring: 8 × 2 × 4 particles.
+    assert!(stderr.contains("64 reward evaluations"), "{stderr}");
     let rewards = stderr_rewards(&stderr);
     assert_eq!(rewards.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4], "{stderr}");
 
@@ -113,8 +114,12 @@ fn fk_writes_pngs_rewards_and_trace_lines() {
         assert_eq!(reward as f32, rewards[i].1 as f32, "stdout and stderr agree");
         let trace = line["trace"].as_array().unwrap();
         let kinds: Vec<&str> = trace.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["resample", "final"], "{line}");
-        assert_eq!(trace[0]["step"], 5);
+        assert_eq!(
+            kinds,
+            ["resample", "resample", "resample", "resample", "resample", "resample", "resample", "final"]
+        );
+        let steps: Vec<u64> = trace.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [2, 3, 4, 5, 6, 7, 8, 10], "{line}");
         let w: f64 = trace[0]["weights"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
         assert!((w - 1.0).abs() < 1e-9);
         let ess = trace[0]["ess"].as_f64().unwrap();

@@ -32,9 +32,10 @@ fn job(prompt: &str, steps: usize, seed: u64) -> Job {
 fn fk_job(prompt: &str, particles: usize, steps: usize, seed: u64) -> Job {
     let rewards = RewardRegistry::new(&Default::default(), &Device::Cpu).unwrap();
     let reward = rewards.build(&serde_json::from_value(serde_json::json!("brightness")).unwrap()).unwrap();
-    let spec: SteeringSpec =
-        serde_json::from_value(serde_json::json!({"method": "fk", "particles": particles, "resample": {"every": 5}}))
-            .unwrap();
+    let spec: SteeringSpec = serde_json::from_value(
+        serde_json::json!({"method": "fk", "particles": particles, "resample": {"every": 5, "start": 0, "end": 1}}),
+    )
+    .unwrap();
     Job { steering: SteeringRequest { spec, reward: Some(reward), trace: false }, ..job(prompt, steps, seed) }
 }
 
@@ -116,6 +117,8 @@ async fn cancel_stops_a_running_steered_job_within_one_step() {
     assert!(last <= at_cancel + 1, "ran from step {at_cancel} to {last} after the cancel");
     let st = engine.stats();
     assert_eq!((st.cancelled_running, st.in_flight), (1, 0));
+    // The forwards it ran still count: 8 particles × 2 CFG branches per completed step.
+    assert!(st.denoiser_evals >= (last as u64) * 16, "{} evaluations for {last} steps", st.denoiser_evals);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,7 +104,7 @@ async fn fk_on_toy_gmm_reports_reward_counts_and_trace() {
     let (st, body) = s
         .generate(json!({
             "prompt": "ignored", "n": n, "seed": 21, "steps": steps, "trace": true, "reward": "brightness",
-            "steering": {"method": "fk", "particles": k, "beta": 4, "resample": {"every": 5}},
+            "steering": {"method": "fk", "particles": k, "beta": 4, "resample": {"every": 5, "start": 0, "end": 1}},
         }))
         .await;
     assert_eq!(st, 200, "{body}");
@@ -407,6 +407,16 @@ async fn invalid_steering_and_reward_fields_are_422_naming_the_field() {
             "init_latents",
             &[],
         ),
+        (
+            json!({"steering": {"method": "fk", "resample": {"start": 0.9, "end": 1}}, "reward": "brightness"}),
+            "steering.resample",
+            &["4 steps"],
+        ),
+        (
+            json!({"steering": {"method": "reno"}, "reward": "brightness", "steps": 5}),
+            "steps",
+            &["max_reno_steps", "5"],
+        ),
         (json!({"steering": fk, "reward": "brightness", "trace": "yes"}), "trace", &["boolean"]),
         (json!({"steering": fk, "reward": "brightness", "trace": 1}), "trace", &[]),
     ];
@@ -524,7 +534,7 @@ async fn http_reward_scores_fails_and_times_out_cleanly() {
     // Steering with it (non-differentiable is fine for fk).
     let (st, body) = s
         .generate(json!({"prompt": "p", "seed": 2, "steps": 6, "reward": "scorer",
-                         "steering": {"method": "fk", "particles": 3, "resample": {"every": 2}}}))
+                         "steering": {"method": "fk", "particles": 3, "resample": {"every": 2, "start": 0, "end": 1}}}))
         .await;
     assert_eq!(st, 200, "{body}");
     let img = &body["data"][0];
@@ -571,7 +581,7 @@ async fn fk_on_the_sd15_fixture_counts_cfg_evaluations() {
     let (k, steps) = (2u64, 4u64);
     let req = json!({
         "prompt": "a red circle", "seed": 6, "steps": steps, "reward": "brightness", "trace": true,
-        "steering": {"method": "fk", "particles": k, "beta": 4, "resample": {"every": 2}},
+        "steering": {"method": "fk", "particles": k, "beta": 4, "resample": {"every": 2, "start": 0, "end": 1}},
     });
     let (st, body) = s.generate(req.clone()).await;
     assert_eq!(st, 200, "{body}");

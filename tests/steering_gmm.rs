@@ -83,7 +83,7 @@ fn fk(k: usize, beta: f64, potential: Potential, every: usize) -> SteeringSpec {
         particles: k,
         potential,
         beta,
-        resample: ResampleSchedule { every, start: 0.0, end: 1.0 },
+        resample: ResampleSchedule::explicit(every, 0.0, 1.0),
         resampler: Resampler::Systematic,
         ess_threshold: None,
         select: Select::Sample,
@@ -229,4 +229,107 @@ fn steering_none_matches_the_plain_pipeline() {
     let lat: Vec<Tensor> = steered.steered.images.iter().map(|i| i.latents.clone()).collect();
     let b: Vec<f32> = Tensor::cat(&lat, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a, b);
+}
+
+fn ctx_with<'a>(
+    m: &'a GaussianMixtureModel,
+    s: &'a dyn Sampler,
+    r: &'a dyn Reward,
+    seeds: Vec<u64>,
+) -> SteerContext<'a> {
+    SteerContext {
+        model: m,
+        sampler: s,
+        reward: Some(r),
+        prompt: "",
+        negative_prompt: None,
+        guidance_scale: 1.0,
+        seeds,
+        latent_shape: (3, 2, 2),
+        init_latents: None,
+        trace: true,
+    }
+}
+
+#[test]
+fn fk_reweights_a_four_step_lcm_run_by_default() {
+    // The old fixed `every: 5` never reweighted a 4-step run: FK was best-of-k at the end.
+    let m = model();
+    let s = build_sampler(SamplerKind::Lcm, m.info().scheduler.vp(), 4, 0.0).unwrap();
+    let reward = Brightness::new();
+    let spec: SteeringSpec = serde_json::from_value(serde_json::json!({"method": "fk", "particles": 4})).unwrap();
+    let out = run(&ctx_with(&m, s.as_ref(), &reward, vec![1, 2]), &spec, &mut |_| true).unwrap();
+    for img in &out.images {
+        let steps: Vec<(usize, &str)> = img.trace.iter().map(|e| (e.step, e.kind.as_str())).collect();
+        assert_eq!(steps, [(1, "resample"), (2, "resample"), (4, "final")]);
+    }
+    // The tilt shows: more of the bright mode than plain 4-step LCM.
+    let base = steer(&m, s.as_ref(), &SteeringSpec::None, 600, 3).right;
+    let fk = steer(&m, s.as_ref(), &spec, 600, 3).right;
+    eprintln!("4-step LCM: base {base}, FK k=4 β=10 {fk}");
+    assert!(fk > base + 0.2, "FK on 4 LCM steps must tilt: base {base}, fk {fk}");
+}
+
+#[test]
+fn svdd_selects_on_a_one_step_run() {
+    // One Euler-ancestral step injects no noise (σ_up = 0 at the last step): the old code took it
+    // for a stochastic sampler and returned an unsteered sample. Now SVDD chooses among its
+    // starting noises, the first of which is the plain run's.
+    let m = model();
+    let s = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp(), 1, 0.0).unwrap();
+    assert!(!s.is_stochastic(), "one Euler-ancestral step adds no noise");
+    let reward = Brightness::new();
+    let seeds: Vec<u64> = (0..20).collect();
+    let c = ctx_with(&m, s.as_ref(), &reward, seeds);
+    let svdd = run(&c, &SteeringSpec::Svdd(SvddSpec { candidates: 8, alpha: 0.0 }), &mut |_| true).unwrap();
+    let plain =
+        run(&c, &SteeringSpec::BestOfN(tiller::steering::best_of_n::BestOfNSpec { n: 1 }), &mut |_| true).unwrap();
+    let mut better = 0;
+    for (a, b) in svdd.images.iter().zip(&plain.images) {
+        assert_eq!(a.trace.len(), 1, "one selection");
+        assert_eq!(a.trace[0].kind, "select");
+        assert_eq!(a.trace[0].rewards.len(), 8);
+        let (ra, rb) = (a.reward.unwrap(), b.reward.unwrap());
+        assert!(ra >= rb - 1e-6, "the best of 8 starts is no worse than the first: {ra} < {rb}");
+        better += (ra > rb + 1e-6) as usize;
+    }
+    assert!(better >= 12, "SVDD improved only {better} of 20 images");
+    assert_eq!(svdd.denoiser_evals, 20 * 8);
+}
+
+#[test]
+fn fk_refuses_schedules_that_cannot_diverge_or_name_no_step() {
+    let m = model();
+    let reward = Brightness::new();
+    // Two Euler-ancestral steps: resampling at step 1 is followed by no noise.
+    let s = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp(), 2, 0.0).unwrap();
+    let spec = fk(4, 1.0, Potential::Diff, 1);
+    let err = tiller::steering::check_plan(&spec, s.as_ref(), 4).unwrap_err();
+    assert!(matches!(err, tiller::steering::PlanError::NeedsNoise { method: "fk" }), "{err:?}");
+    match run(&ctx_with(&m, s.as_ref(), &reward, vec![1]), &spec, &mut |_| true) {
+        Err(tiller::pipeline::GenerationError::InvalidInput { field, .. }) => assert_eq!(field, "scheduler"),
+        other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
+    }
+    // The default schedule on the same sampler is empty: terminal selection only, refused as well
+    // because nothing can diverge after a resampling. One step only selects: accepted.
+    let default: SteeringSpec = serde_json::from_value(serde_json::json!({"method": "fk"})).unwrap();
+    assert!(tiller::steering::check_plan(&default, s.as_ref(), 4).is_err());
+    let one = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp(), 1, 0.0).unwrap();
+    assert!(tiller::steering::check_plan(&default, one.as_ref(), 4).is_ok());
+    // An explicit window that names none of 10 steps.
+    let d = ddim(&m, 1.0);
+    let late: SteeringSpec =
+        serde_json::from_value(serde_json::json!({"method": "fk", "resample": {"start": 0.95, "end": 1.0}})).unwrap();
+    let ten = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 10, 1.0).unwrap();
+    assert!(matches!(
+        tiller::steering::check_plan(&late, ten.as_ref(), 4),
+        Err(tiller::steering::PlanError::EmptySchedule { steps: 10 })
+    ));
+    assert!(tiller::steering::check_plan(&late, d.as_ref(), 4).is_ok(), "100 steps: step 95 exists");
+    // ReNO's step cap.
+    let reno: SteeringSpec = serde_json::from_value(serde_json::json!({"method": "reno"})).unwrap();
+    assert!(matches!(
+        tiller::steering::check_plan(&reno, ten.as_ref(), 4),
+        Err(tiller::steering::PlanError::TooManyRenoSteps { steps: 10, max: 4 })
+    ));
 }

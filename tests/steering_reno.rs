@@ -51,7 +51,7 @@ fn ctx<'a>(
     }
 }
 
-fn reno(iterations: usize, optimizer: Optimizer, lr: f64) -> RenoSpec {
+fn reno(iterations: usize, optimizer: Optimizer, lr: Option<f64>) -> RenoSpec {
     RenoSpec { iterations, optimizer, lr, return_noise: true, ..RenoSpec::default() }
 }
 
@@ -109,7 +109,8 @@ fn reno_raises_brightness_on_the_mixture_and_returns_the_best_iterate() {
     let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 1, 0.0).unwrap();
     let r = Brightness::new();
     for opt in [Optimizer::Sgd, Optimizer::Adam] {
-        let lr = if opt == Optimizer::Sgd { 5.0 } else { 0.1 };
+        // each optimiser's default learning rate
+        let lr = None;
         let c = ctx(&m, s.as_ref(), &r, vec![10, 11, 12], 1.0);
         let out = run(&c, &SteeringSpec::Reno(reno(15, opt, lr)), &mut |_| true).unwrap();
         for img in &out.images {
@@ -125,6 +126,9 @@ fn reno_raises_brightness_on_the_mixture_and_returns_the_best_iterate() {
         }
         assert_eq!(out.reward_evals, 15 * 3);
         assert_eq!(out.denoiser_evals, 15 * 3);
+        // 14 updates, each differentiating the one denoiser call of every image
+        assert_eq!(out.backward_evals, 14 * 3);
+        assert!(out.timings.backward_ms > 0.0);
     }
 }
 
@@ -134,7 +138,7 @@ fn reno_raises_brightness_on_sd_turbo_fixture() {
     let s = build_sampler(SamplerKind::Euler, m.info().scheduler.vp(), 1, 0.0).unwrap();
     let r = Brightness::new();
     let c = ctx(m.as_ref(), s.as_ref(), &r, vec![5], 0.0);
-    let out = run(&c, &SteeringSpec::Reno(reno(6, Optimizer::Sgd, 5.0)), &mut |_| true).unwrap();
+    let out = run(&c, &SteeringSpec::Reno(reno(6, Optimizer::Sgd, None)), &mut |_| true).unwrap();
     let rs = rewards_of(&out.images[0].trace);
     eprintln!("SD-Turbo fixture, brightness by iteration: {rs:?}");
     assert!(rs[5] > rs[0], "reward did not rise: {rs:?}");
@@ -148,7 +152,7 @@ fn optimised_noise_replays_the_image_with_method_none() {
     let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 3, 1.0).unwrap();
     let r = Brightness::new();
     let c = ctx(&m, s.as_ref(), &r, vec![42], 1.0);
-    let out = run(&c, &SteeringSpec::Reno(reno(5, Optimizer::Sgd, 5.0)), &mut |_| true).unwrap();
+    let out = run(&c, &SteeringSpec::Reno(reno(5, Optimizer::Sgd, None)), &mut |_| true).unwrap();
     let noise = out.images[0].optimized_noise.clone().unwrap();
     let mut replay = ctx(&m, s.as_ref(), &r, vec![42], 1.0);
     replay.init_latents = Some(noise);

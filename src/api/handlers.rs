@@ -253,6 +253,7 @@ pub(crate) fn metadata(
             reward_name: out.reward.clone(),
             reward: img.reward,
             reward_evals: out.reward_evals,
+            backward_evals: out.backward_evals,
             phases: out.timings.clone(),
             optimized_noise,
             trace: p.trace.then(|| img.trace.clone()),

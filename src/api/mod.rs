@@ -56,7 +56,8 @@ impl AppState {
     /// State with the built-in rewards plus the configured `[rewards.*]` (CLIP models load
     /// here, on `device`).
     pub fn new(engine: Engine, config: &Config, device: &candle_core::Device) -> crate::error::Result<Self> {
-        let rewards = RewardRegistry::new(&config.rewards, device)?;
+        let configs = crate::reward::registry::with_shipped(&config.rewards, &config.models.root);
+        let rewards = RewardRegistry::new(&configs, device)?;
         let adapters = AdapterRegistry::open(&config.adapters.root)
             .map_err(|e| crate::error::TillerError::field("adapters.root", e.to_string()))?;
         Ok(Self::with_parts(engine, config, rewards, adapters))

@@ -270,6 +270,11 @@ pub struct SteeringMetadata {
     pub reward: Option<f32>,
     /// Images scored by the reward for the whole request (particles, candidates, iterates).
     pub reward_evals: usize,
+    /// Denoiser calls differentiated for the whole request (ReNO: every step of every iteration
+    /// but the last, each CFG branch counted); 0 for the other methods. Its time is
+    /// `phases.backward_ms`.
+    #[serde(default)]
+    pub backward_evals: usize,
     /// Wall time per phase for the whole request.
     pub phases: PhaseTimings,
     /// ReNO with `return_noise`: base64 safetensors (tensor `latents`, (1, C, h, w)) of the

@@ -522,7 +522,11 @@ fn check_steering(
     rewards: &RewardRegistry,
     params: &GenerationParams,
 ) -> Result<SteeringRequest, ApiError> {
-    let lim = SteeringLimits { max_particles: limits.max_particles, max_reno_iterations: limits.max_reno_iterations };
+    let lim = SteeringLimits {
+        max_particles: limits.max_particles,
+        max_reno_iterations: limits.max_reno_iterations,
+        max_reno_steps: limits.max_reno_steps,
+    };
     spec.validate(&lim).map_err(|(field, message)| ApiError::invalid(&field, format!("`{field}` {message}")))?;
     let method = spec.method();
     let reward = match reward {
@@ -549,25 +553,15 @@ fn check_steering(
             format!("`init_latents` works with steering methods none and reno; `{method}` starts from many noises"),
         ));
     }
-    if spec.needs_stochastic_sampler() {
-        let r = crate::steering::resolve(&model.info, params, &spec);
-        let stochastic = crate::sampling::build_for(r.scheduler, &model.info.scheduler, r.steps, r.eta)
-            .map(|s| s.is_stochastic())
-            .unwrap_or(true); // other problems are reported by the sampler checks
-        if !stochastic {
-            let field = if r.scheduler == SamplerKind::Ddim { "eta" } else { "scheduler" };
+    let r = crate::steering::resolve(&model.info, params, &spec);
+    // Other sampler problems are reported by the sampler checks.
+    if let Ok(sampler) = crate::sampling::build_for(r.scheduler, &model.info.scheduler, r.steps, r.eta) {
+        if let Err(e) = crate::steering::check_plan(&spec, sampler.as_ref(), limits.max_reno_steps) {
+            let noise_field = if r.scheduler == SamplerKind::Ddim { "eta" } else { "scheduler" };
+            let field = e.field(noise_field);
             return Err(ApiError::invalid(
-                field,
-                format!(
-                    "steering method `{method}` needs a stochastic sampler (copies of a particle never diverge \
-                     under deterministic steps); got `{}` with eta {}. Use ddim with eta > 0 (the default for \
-                     {method}), ddpm, euler-ancestral or lcm",
-                    serde_json::to_value(r.scheduler)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default(),
-                    r.eta
-                ),
+                &field,
+                format!("{e} (got `{}`, eta {}, {} steps)", r.scheduler, r.eta, r.steps),
             ));
         }
     }

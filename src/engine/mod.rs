@@ -173,6 +173,8 @@ pub struct JobOutput {
     pub denoiser_evals: usize,
     /// Images scored by the reward (all particles, candidates and iterates).
     pub reward_evals: usize,
+    /// Denoiser calls differentiated (ReNO's backward passes).
+    pub backward_evals: usize,
     pub timings: PhaseTimings,
     /// Time the job waited for admission.
     pub queue_ms: f64,
@@ -765,7 +767,7 @@ fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
     metrics::histogram!(m::QUEUE_WAIT).record(queue_wait.as_secs_f64());
     let t0 = Instant::now();
     let result = if handle.is_cancelled() {
-        Err(JobEnd::Cancelled)
+        Err(JobEnd::Cancelled(None))
     } else {
         handle.push(JobEvent::Started);
         std::panic::catch_unwind(AssertUnwindSafe(|| execute(inner, &w, queue_wait)))
@@ -783,7 +785,13 @@ fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
             metrics::counter!(m::IMAGES, "model" => label.clone()).increment(out.images.len() as u64);
             ("completed", JobEvent::Completed(Arc::new(out)))
         }
-        Err(JobEnd::Cancelled) => {
+        Err(JobEnd::Cancelled(spent)) => {
+            // The work a cancelled job did still counts.
+            if let Some(s) = spent {
+                c.denoiser_evals.fetch_add(s.denoiser_evals as u64, Ordering::Relaxed);
+                metrics::counter!(m::DENOISER_EVALS, "model" => label.clone()).increment(s.denoiser_evals as u64);
+                metrics::counter!(m::REWARD_EVALS, "model" => label.clone()).increment(s.reward_evals as u64);
+            }
             if handle.status() == JobStatus::Queued {
                 c.cancelled_queued.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -828,7 +836,8 @@ fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
 }
 
 enum JobEnd {
-    Cancelled,
+    /// With the work done before it stopped, when it had started.
+    Cancelled(Option<crate::pipeline::Spent>),
     Error(JobError),
     Panic(String),
 }
@@ -878,7 +887,8 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
     };
     let out = match crate::steering::generate(&model, &job.params, &job.steering, &mut progress) {
         Ok(out) => out,
-        Err(_) if handle.is_cancelled() => return Err(JobEnd::Cancelled),
+        Err(GenerationError::Cancelled(spent)) => return Err(JobEnd::Cancelled(Some(spent))),
+        Err(_) if handle.is_cancelled() => return Err(JobEnd::Cancelled(None)),
         Err(e) => return Err(JobEnd::Error(job_error(e))),
     };
     let pngs = crate::util::png::encode_batch(&out.steered.decoded)
@@ -902,6 +912,7 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
         params: out.params,
         denoiser_evals: st.denoiser_evals,
         reward_evals: st.reward_evals,
+        backward_evals: st.backward_evals,
         timings: st.timings,
         queue_ms: queue_wait.as_secs_f64() * 1e3,
         prompt_truncated: st.prompt_truncated,

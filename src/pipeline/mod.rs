@@ -92,10 +92,19 @@ pub struct GenerationOutput {
     pub prompt_truncated: bool,
 }
 
+/// Work done before a cancelled generation stopped, so that counters include it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spent {
+    /// Steps (or ReNO iterations) completed.
+    pub step: usize,
+    pub denoiser_evals: usize,
+    pub reward_evals: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GenerationError {
-    #[error("cancelled at step {0}")]
-    Cancelled(usize),
+    #[error("cancelled at step {}", .0.step)]
+    Cancelled(Spent),
     /// A reward failed (bad reward spec: 4xx; external scorer: 502/504).
     #[error(transparent)]
     Reward(#[from] crate::reward::RewardError),
@@ -251,7 +260,7 @@ pub fn sample_latents(
         let z = if sampler.step_needs_noise(i) { Some(noise.next(x.shape(), x.device())?) } else { None };
         x = sampler.step(&x, &out, i, z.as_ref())?;
         if !progress(Progress { step: i + 1, total, x0: None }) {
-            return Err(GenerationError::Cancelled(i + 1));
+            return Err(GenerationError::Cancelled(Spent { step: i + 1, denoiser_evals: evals, reward_evals: 0 }));
         }
     }
     Ok((x, evals))

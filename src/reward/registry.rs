@@ -109,6 +109,26 @@ impl RewardConfig {
     }
 }
 
+/// Rewards shipped as model directories: (reward name, directory under the models root, kind).
+/// `tiller serve` offers each one whose directory exists, unless a `[rewards.NAME]` table
+/// configures that name itself.
+pub const SHIPPED: &[(&str, &str, &str)] = &[("shapes_clip", "shapes-clip", "clip_score")];
+
+/// The configured `[rewards.*]` tables plus the [`SHIPPED`] rewards found under `models_root`.
+pub fn with_shipped(
+    configs: &BTreeMap<String, RewardConfig>,
+    models_root: &std::path::Path,
+) -> BTreeMap<String, RewardConfig> {
+    let mut out = configs.clone();
+    for &(name, dir, kind) in SHIPPED {
+        let path = models_root.join(dir);
+        if !out.contains_key(name) && path.join("config.json").is_file() {
+            out.insert(name.to_string(), RewardConfig { path: Some(path), ..RewardConfig::of_kind(kind) });
+        }
+    }
+    out
+}
+
 /// Check every `[rewards.NAME]` table (see [`RewardConfig::check`]).
 pub fn check_configs(configs: &BTreeMap<String, RewardConfig>) -> Result<()> {
     configs.iter().try_for_each(|(key, cfg)| cfg.check(key))

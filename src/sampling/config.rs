@@ -85,6 +85,25 @@ pub enum SamplerKind {
     Lcm,
 }
 
+impl SamplerKind {
+    /// The name requests use (`euler-ancestral`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim => "ddim",
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Euler => "euler",
+            SamplerKind::EulerAncestral => "euler-ancestral",
+            SamplerKind::Lcm => "lcm",
+        }
+    }
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {

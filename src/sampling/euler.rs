@@ -85,6 +85,10 @@ impl Sampler for Euler {
         self.ancestral
     }
 
+    fn injects_noise(&self, i: usize) -> bool {
+        self.ancestral && self.ancestral_sigmas(i).0 > 0.0
+    }
+
     fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
         let s = self.sigmas[i];
         if !self.ancestral {

@@ -61,9 +61,16 @@ pub trait Sampler: Send + Sync {
         self.transition(x, &x0, i, noise)
     }
 
-    /// True if any step consumes noise (particles can diverge).
+    /// Whether step `i` actually adds noise to the state. Usually `step_needs_noise`, but a
+    /// sampler may draw noise it then scales by zero (Euler-ancestral's last step, kept for
+    /// diffusers' noise-stream parity): copies of a particle do not diverge there.
+    fn injects_noise(&self, i: usize) -> bool {
+        self.step_needs_noise(i)
+    }
+
+    /// True if any step adds noise (particles can diverge).
     fn is_stochastic(&self) -> bool {
-        (0..self.num_steps()).any(|i| self.step_needs_noise(i))
+        (0..self.num_steps()).any(|i| self.injects_noise(i))
     }
 
     /// The σ schedule of σ-space samplers (Euler): one σ per step plus the final 0;

@@ -107,6 +107,27 @@ pub struct EvalShapesArgs {
     /// Classifier-free guidance scale; default the model's.
     #[arg(long)]
     pub guidance: Option<f64>,
+    /// DDIM η; default 0 (1 under FK and SVDD, which need noise).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Steering strategy as JSON, as in a request's `steering`, e.g.
+    /// '{"method": "fk", "particles": 4}'. Needs --reward.
+    #[arg(long, value_name = "JSON")]
+    pub steering: Option<String>,
+    /// Reward as JSON or a name, as in a request's `reward` (`shapes_clip`, shipped under the
+    /// models directory). With it the report also gives each image's mean reward.
+    #[arg(long, value_name = "JSON")]
+    pub reward: Option<String>,
+    /// Config file whose `[rewards.*]` tables define named rewards.
+    #[arg(long, env = "TILLER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// LoRA adapter to merge (repeatable), as `tiller generate --lora`: e.g. `shapes-lcm` with
+    /// `--scheduler lcm --steps 4 --guidance 1`.
+    #[arg(long = "lora", value_name = "PATH_OR_NAME[:SCALE]")]
+    pub lora: Vec<String>,
+    /// Where --lora names are looked up.
+    #[arg(long, default_value = "adapters", value_name = "DIR")]
+    pub adapters_dir: PathBuf,
     /// Evaluation seed: captions are drawn from it, and caption k (in category order) is generated
     /// with noise seed `seed + k`.
     #[arg(long, default_value_t = 2026)]
@@ -334,12 +355,12 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
             let (name, dir) = crate::cli::resolve_model_dir(m, &args.models_dir)?;
             let device = args.device.open()?;
             let dtype = args.dtype.check_device(&device)?;
-            let model = crate::models::loader::load_model(&name, &dir, &device, dtype)?;
+            let model = crate::cli::load_with_loras(&name, &dir, &device, dtype, &args.lora, &args.adapters_dir)?;
             let (h, w) = model.info().default_size;
             let probe = params(args, String::new(), args.seed);
             let r = crate::pipeline::resolve_for(model.info(), &probe);
             eprintln!(
-                "model {name}: {w}x{h}, {} steps of {:?}, guidance {}, seed {}; {} captions",
+                "model {name}: {w}x{h}, {} steps of {}, guidance {}, seed {}; {} captions",
                 r.steps,
                 r.scheduler,
                 r.guidance_scale,
@@ -364,22 +385,46 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
         }
         None => None,
     };
+    let steering = match &model {
+        Some(m) => {
+            let req = crate::cli::steering_request(
+                args.steering.as_deref(),
+                args.reward.as_deref(),
+                false,
+                args.config.as_deref(),
+                &args.models_dir,
+                m.device(),
+            )?;
+            let probe = params(args, String::new(), args.seed);
+            crate::cli::check_steering_plan(m.as_ref(), &probe, &req.spec, args.config.as_deref())?;
+            req
+        }
+        None => Default::default(),
+    };
     let bar = progress_bar(scenes.len() as u64, args.quiet);
     let mut outcomes = Vec::with_capacity(scenes.len());
     let mut counters = [0u64; 5];
+    let mut cost = Cost::default();
+    let started = std::time::Instant::now();
     for (k, scene) in scenes.iter().enumerate() {
         let seed = args.seed.wrapping_add(k as u64);
+        let mut reward = None;
         let img = match &model {
             None => scene.render(),
             Some(m) => {
                 let p = params(args, scene.caption.clone(), seed);
-                let out = crate::pipeline::generate(m.as_ref(), &p, &mut |_: Progress| true).map_err(|e| match e {
-                    crate::pipeline::GenerationError::InvalidInput { field, message } => {
-                        TillerError::field(field, message)
-                    }
-                    other => TillerError::Other(anyhow::anyhow!("generation failed: {other}")),
-                })?;
-                to_canvas(tensor_to_image(&out.images.get(0)?)?)
+                let out = crate::steering::generate(m.as_ref(), &p, &steering, &mut |_: Progress| true).map_err(
+                    |e| match e {
+                        crate::pipeline::GenerationError::InvalidInput { field, message } => {
+                            TillerError::field(field, message)
+                        }
+                        other => TillerError::Other(anyhow::anyhow!("generation failed: {other}")),
+                    },
+                )?;
+                let st = &out.steered;
+                cost.add(st);
+                reward = st.images[0].reward;
+                to_canvas(tensor_to_image(&st.decoded.get(0)?)?)
             }
         };
         let cat = scene.category();
@@ -393,14 +438,21 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
             write_png(&dir.join(&file), &img)?;
             lines.write(&serde_json::json!({
                 "file": file, "caption": scene.caption, "category": cat, "seed": seed,
-                "correct": j.correct, "reason": j.reason, "detected": j.detected,
+                "correct": j.correct, "reason": j.reason, "detected": j.detected, "reward": reward,
             }))?;
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
     let report = Report::from_outcomes(outcomes);
-    let json = serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?;
+    let mut value = report.to_json();
+    if model.is_some() {
+        let images = scenes.len() as f64;
+        value["cost"] = cost.per_image(images, started.elapsed().as_secs_f64());
+        value["steering"] = serde_json::to_value(&steering.spec).unwrap_or_default();
+        value["reward"] = steering.reward.as_ref().map(|r| r.name().to_string()).into();
+    }
+    let json = serde_json::to_string_pretty(&value).map_err(anyhow::Error::from)?;
     if let (Some(lines), Some(dir)) = (saved, &args.out) {
         lines.finish()?;
         let p = dir.join("report.json");
@@ -411,8 +463,59 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
         println!("{json}");
     } else {
         println!("{}", report.table());
+        if model.is_some() {
+            println!("{}", cost.line(scenes.len() as f64, started.elapsed().as_secs_f64()));
+        }
     }
     Ok(())
+}
+
+/// What an evaluation spent, summed over its images.
+#[derive(Debug, Default)]
+struct Cost {
+    denoiser_evals: usize,
+    reward_evals: usize,
+    backward_evals: usize,
+    reward_sum: f64,
+    rewarded: usize,
+}
+
+impl Cost {
+    fn add(&mut self, s: &crate::steering::Steered) {
+        self.denoiser_evals += s.denoiser_evals;
+        self.reward_evals += s.reward_evals;
+        self.backward_evals += s.backward_evals;
+        for r in s.images.iter().filter_map(|i| i.reward) {
+            self.reward_sum += r as f64;
+            self.rewarded += 1;
+        }
+    }
+
+    fn mean_reward(&self) -> Option<f64> {
+        (self.rewarded > 0).then(|| self.reward_sum / self.rewarded as f64)
+    }
+
+    fn per_image(&self, images: f64, seconds: f64) -> serde_json::Value {
+        serde_json::json!({
+            "denoiser_evals_per_image": self.denoiser_evals as f64 / images,
+            "reward_evals_per_image": self.reward_evals as f64 / images,
+            "backward_evals_per_image": self.backward_evals as f64 / images,
+            "mean_reward": self.mean_reward(),
+            "seconds": seconds,
+            "seconds_per_image": seconds / images,
+        })
+    }
+
+    fn line(&self, images: f64, seconds: f64) -> String {
+        let reward = self.mean_reward().map(|r| format!(", mean reward {r:.3}")).unwrap_or_default();
+        format!(
+            "per image: {:.0} denoiser evaluations, {:.1} reward evaluations, {:.0} backward; {:.2} s{reward}",
+            self.denoiser_evals as f64 / images,
+            self.reward_evals as f64 / images,
+            self.backward_evals as f64 / images,
+            seconds / images
+        )
+    }
 }
 
 fn params(args: &EvalShapesArgs, prompt: String, seed: u64) -> GenerationParams {
@@ -425,7 +528,7 @@ fn params(args: &EvalShapesArgs, prompt: String, seed: u64) -> GenerationParams 
         steps: Some(args.steps),
         guidance_scale: args.guidance,
         scheduler: Some(args.scheduler),
-        eta: None,
+        eta: args.eta,
         seed,
         init_latents: None,
     }

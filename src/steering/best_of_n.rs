@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{gather, tick, weights::argmax, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
+use super::{gather, weights::argmax, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
 use crate::pipeline::{GenerationError, Progress};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -38,7 +38,7 @@ pub fn run(
         let x0 = sampler.predict_x0(&x, &out, i)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(n)?) } else { None };
         x = sampler.transition(&x, &x0, i, z.as_ref())?;
-        tick(progress, i + 1, total, Some(&x0))?;
+        r.tick(progress, i + 1, total, Some(&x0))?;
     }
     let decoded_all = r.decode(&x)?;
     let rewards = r.score_images(&decoded_all)?;

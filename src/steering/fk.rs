@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::weights::{argmax, categorical, ess, normalize, resample, Resampler};
-use super::{gather, global_indices, tick, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
+use super::{gather, global_indices, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
 use crate::pipeline::{GenerationError, Progress};
 
 /// How a particle's reward history becomes a log-potential.
@@ -42,43 +42,59 @@ pub enum Select {
     Best,
 }
 
-/// When to resample: every `every` steps from `start` to `end` (fractions of the trajectory),
-/// never at step 0 (x̂0 of pure noise says nothing), plus the final reweighting.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+/// When to reweight (and possibly resample): every `every` steps from `start` to `end`
+/// (fractions of the trajectory), never at step 0 (x̂0 of pure noise says nothing), plus the
+/// final reweighting. Unset fields scale with the request: `every` a tenth of the steps (at
+/// least 1), the window 0.2–0.8 of the FK reference code, and then only steps whose transition
+/// injects noise (after a resampling step without noise the copies stay identical), so a
+/// 4-step LCM run reweights at steps 1 and 2. A 1-step run has only the final reweighting and
+/// selection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResampleSchedule {
-    #[serde(default = "default_every")]
+    /// Steps between reweightings; default `max(1, steps / 10)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
-    pub every: usize,
-    #[serde(default)]
+    pub every: Option<usize>,
+    /// First fraction of the trajectory that reweights; default 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0.0, maximum = 1.0)]
-    pub start: f64,
-    #[serde(default = "one")]
+    pub start: Option<f64>,
+    /// Last fraction of the trajectory that reweights; default 0.8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0.0, maximum = 1.0)]
-    pub end: f64,
+    pub end: Option<f64>,
 }
 
-impl Default for ResampleSchedule {
-    fn default() -> Self {
-        Self { every: default_every(), start: 0.0, end: 1.0 }
-    }
-}
+/// The reference code's window (Singhal et al. 2025, resampling between 20 % and 80 % of the
+/// steps).
+pub const DEFAULT_WINDOW: (f64, f64) = (0.2, 0.8);
 
 impl ResampleSchedule {
-    /// Whether step `i` of `n` reweights (and possibly resamples).
-    pub fn contains(&self, i: usize, n: usize) -> bool {
-        let first = (self.start * n as f64).ceil() as usize;
-        let last = (self.end * n as f64).floor() as usize;
-        i >= 1 && i >= first && i <= last && (i - first).is_multiple_of(self.every)
+    /// Every step, the whole trajectory.
+    pub fn explicit(every: usize, start: f64, end: f64) -> Self {
+        Self { every: Some(every), start: Some(start), end: Some(end) }
+    }
+
+    fn is_default(&self) -> bool {
+        self.every.is_none() && self.start.is_none() && self.end.is_none()
+    }
+
+    /// The steps (of `n`, with transitions that inject noise where `injects_noise(i)`) that
+    /// reweight. An explicit schedule is taken as given; the default one keeps only steps
+    /// followed by noise.
+    pub fn steps(&self, n: usize, injects_noise: impl Fn(usize) -> bool) -> Vec<usize> {
+        let every = self.every.unwrap_or((n / 10).max(1));
+        let first = (self.start.unwrap_or(DEFAULT_WINDOW.0) * n as f64).ceil() as usize;
+        let last = (self.end.unwrap_or(DEFAULT_WINDOW.1) * n as f64).floor() as usize;
+        let default = self.is_default();
+        (first.max(1)..=last.min(n.saturating_sub(1)))
+            .filter(|i| (i - first).is_multiple_of(every))
+            .filter(|&i| !default || injects_noise(i))
+            .collect()
     }
 }
 
-fn default_every() -> usize {
-    5
-}
-fn one() -> f64 {
-    1.0
-}
 fn default_particles() -> usize {
     4
 }
@@ -115,13 +131,14 @@ pub struct FkSpec {
 impl FkSpec {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |f: &str, m: String| Err((f.to_string(), m));
-        if !self.beta.is_finite() || self.beta < 0.0 {
-            return err("beta", format!("must be a finite number ≥ 0, got {}", self.beta));
+        if !(self.beta.is_finite() && (0.0..=MAX_BETA).contains(&self.beta)) {
+            return err("beta", format!("must be a number in [0, {MAX_BETA:e}], got {}", self.beta));
         }
-        if self.resample.every == 0 {
+        if self.resample.every == Some(0) {
             return err("resample.every", "must be at least 1".into());
         }
-        let (s, e) = (self.resample.start, self.resample.end);
+        let s = self.resample.start.unwrap_or(DEFAULT_WINDOW.0);
+        let e = self.resample.end.unwrap_or(DEFAULT_WINDOW.1);
         if !(0.0..=1.0).contains(&s) || !(0.0..=1.0).contains(&e) || s > e {
             return err("resample", format!("need 0 ≤ start ≤ end ≤ 1, got start {s}, end {e}"));
         }
@@ -134,8 +151,17 @@ impl FkSpec {
     }
 }
 
-/// (log-increment, new statistic) for one particle (docs/steering.md).
+/// Largest β accepted: with rewards of f32 range the log-potentials stay finite (|β·r| ≤ 3.4e44),
+/// so the terminal correction β·r0 − Σ log G is never ∞ − ∞.
+pub const MAX_BETA: f64 = 1e6;
+
+/// (log-increment, new statistic) for one particle (docs/steering.md). A non-finite reward (NaN
+/// from a broken scorer, ±∞) gives the particle zero weight (increment −∞) and leaves its
+/// statistic alone: `f64::max` would skip a NaN and keep the old weight.
 pub fn potential(kind: Potential, r: f64, stat: f64, beta: f64) -> (f64, f64) {
+    if !r.is_finite() {
+        return (f64::NEG_INFINITY, stat);
+    }
     match kind {
         Potential::Diff => (beta * (r - stat), r),
         Potential::Max => {
@@ -147,6 +173,63 @@ pub fn potential(kind: Potential, r: f64, stat: f64, beta: f64) -> (f64, f64) {
             (beta * s, s)
         }
         Potential::Current => (beta * r, r),
+    }
+}
+
+/// Per-particle state of the log-weights.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub kind: Potential,
+    pub beta: f64,
+    /// Current log-weights.
+    pub logw: Vec<f64>,
+    /// Σ of finite log-potentials along each particle's whole ancestry (for the terminal correction).
+    pub log_g: Vec<f64>,
+    /// The potential's statistic (previous reward, running max or sum).
+    pub stat: Vec<f64>,
+}
+
+impl Weights {
+    pub fn new(kind: Potential, beta: f64, m: usize) -> Self {
+        let stat = vec![if kind == Potential::Max { f64::NEG_INFINITY } else { 0.0 }; m];
+        Self { kind, beta, logw: vec![0.0; m], log_g: vec![0.0; m], stat }
+    }
+
+    /// Apply one reweighting with a reward per particle.
+    pub fn reweight(&mut self, rewards: &[f32]) {
+        for (j, &r) in rewards.iter().enumerate() {
+            let (inc, s) = potential(self.kind, r as f64, self.stat[j], self.beta);
+            self.logw[j] += inc;
+            if inc.is_finite() {
+                self.log_g[j] += inc;
+            }
+            self.stat[j] = s;
+        }
+    }
+
+    /// The exact terminal correction with the final rewards: along every ancestry the
+    /// log-potentials then sum to β·r0. Dead particles (−∞) stay dead; a non-finite r0 kills.
+    pub fn terminal(&mut self, r0: &[f32]) {
+        for (j, &r) in r0.iter().enumerate() {
+            let r = r as f64;
+            if !r.is_finite() {
+                self.logw[j] = f64::NEG_INFINITY;
+            } else if self.logw[j] != f64::NEG_INFINITY {
+                self.logw[j] += match self.kind {
+                    // stat is the last finite reward (0 when the particle was never scored)
+                    Potential::Diff => self.beta * (r - self.stat[j]),
+                    _ => self.beta * r - self.log_g[j],
+                };
+            }
+        }
+    }
+
+    /// Keep rows `idx` (after resampling).
+    pub fn gather(&mut self, idx: &[u32]) {
+        let pick = |v: &[f64]| idx.iter().map(|&j| v[j as usize]).collect::<Vec<_>>();
+        self.logw = pick(&self.logw);
+        self.log_g = pick(&self.log_g);
+        self.stat = pick(&self.stat);
     }
 }
 
@@ -162,33 +245,25 @@ pub fn run(
     let cond = r.conditioning(k)?;
     let (_, mut x) = r.initial(k)?;
 
-    let m = groups * k;
-    let mut logw = vec![0f64; m];
-    // Σ of log-potentials along each particle's whole ancestry (for the terminal correction).
-    let mut log_g = vec![0f64; m];
-    let mut stat = vec![if spec.potential == Potential::Max { f64::NEG_INFINITY } else { 0.0 }; m];
+    let mut wts = Weights::new(spec.potential, spec.beta, groups * k);
+    let schedule = spec.resample.steps(total, |i| sampler.injects_noise(i));
     let mut traces: Vec<Vec<TraceEvent>> = vec![Vec::new(); groups];
 
     for i in 0..total {
         let out = r.predict(&cond, &x, i)?;
         let mut x0 = sampler.predict_x0(&x, &out, i)?;
-        if spec.resample.contains(i, total) {
+        if schedule.contains(&i) {
             let rewards = r.score(&x0)?;
-            for j in 0..m {
-                let (inc, s) = potential(spec.potential, rewards[j] as f64, stat[j], spec.beta);
-                logw[j] += inc;
-                log_g[j] += inc;
-                stat[j] = s;
-            }
+            wts.reweight(&rewards);
             let mut ancestors = Vec::with_capacity(groups);
             let mut any = false;
             for (g, trace) in traces.iter_mut().enumerate() {
                 let range = g * k..(g + 1) * k;
-                let w = normalize(&logw[range.clone()]);
+                let w = normalize(&wts.logw[range.clone()]);
                 let e = ess(&w);
                 let go = spec.ess_threshold.is_none_or(|t| e < t * k as f64);
                 let a = if go {
-                    logw[range.clone()].fill(0.0);
+                    wts.logw[range.clone()].fill(0.0);
                     any = true;
                     resample(&w, k, spec.resampler, &mut r.rngs[g])
                 } else {
@@ -207,32 +282,24 @@ pub fn run(
                 let idx = global_indices(&ancestors, k);
                 x = gather(&x, &idx)?;
                 x0 = gather(&x0, &idx)?;
-                stat = idx.iter().map(|&j| stat[j as usize]).collect();
-                log_g = idx.iter().map(|&j| log_g[j as usize]).collect();
                 // Particles that were not resampled keep their weights; resampled groups start at 0.
-                logw = idx.iter().map(|&j| logw[j as usize]).collect();
+                wts.gather(&idx);
             }
         }
         let z = if sampler.step_needs_noise(i) { Some(r.noise(k)?) } else { None };
         x = sampler.transition(&x, &x0, i, z.as_ref())?;
-        tick(progress, i + 1, total, Some(&x0))?;
+        r.tick(progress, i + 1, total, Some(&x0))?;
     }
 
     // Terminal weights on the actual samples.
     let decoded_all = r.decode(&x)?;
     let r0 = r.score_images(&decoded_all)?.expect("fk has a reward");
-    for j in 0..m {
-        let r0j = r0[j] as f64;
-        logw[j] += match spec.potential {
-            Potential::Diff => spec.beta * (r0j - stat[j]),
-            _ => spec.beta * r0j - log_g[j],
-        };
-    }
+    wts.terminal(&r0);
     let mut rows = Vec::with_capacity(groups);
     let mut images = Vec::with_capacity(groups);
     for (g, mut trace) in traces.into_iter().enumerate() {
         let range = g * k..(g + 1) * k;
-        let w = normalize(&logw[range.clone()]);
+        let w = normalize(&wts.logw[range.clone()]);
         // One independent categorical draw, never element 0 of a resample (biased to low indices).
         let pick = match spec.select {
             Select::Sample => categorical(&w, &mut r.rngs[g]),
@@ -287,11 +354,61 @@ mod tests {
 
     #[test]
     fn schedule_skips_step_zero_and_respects_the_window() {
-        let s = ResampleSchedule { every: 5, start: 0.0, end: 1.0 };
-        let steps: Vec<usize> = (0..20).filter(|&i| s.contains(i, 20)).collect();
-        assert_eq!(steps, vec![5, 10, 15]);
-        let s = ResampleSchedule { every: 2, start: 0.25, end: 0.5 };
-        let steps: Vec<usize> = (0..20).filter(|&i| s.contains(i, 20)).collect();
-        assert_eq!(steps, vec![5, 7, 9]);
+        let noisy = |_| true;
+        let s = ResampleSchedule::explicit(5, 0.0, 1.0);
+        assert_eq!(s.steps(20, noisy), vec![5, 10, 15]);
+        let s = ResampleSchedule::explicit(2, 0.25, 0.5);
+        assert_eq!(s.steps(20, noisy), vec![5, 7, 9]);
+    }
+
+    #[test]
+    fn default_schedule_scales_with_the_step_count() {
+        let d = ResampleSchedule::default();
+        // 50 steps: every 5 inside 0.2–0.8 (the reference window)
+        assert_eq!(d.steps(50, |_| true), vec![10, 15, 20, 25, 30, 35, 40]);
+        // 4-step LCM: noise after steps 0, 1, 2, none after the last
+        assert_eq!(d.steps(4, |i| i < 3), vec![1, 2]);
+        assert_eq!(d.steps(2, |i| i < 1), Vec::<usize>::new());
+        assert_eq!(d.steps(1, |_| false), Vec::<usize>::new());
+        // the old fixed `every: 5` never reweighted a 4-step run
+        assert_eq!(ResampleSchedule::explicit(5, 0.0, 1.0).steps(4, |_| true), Vec::<usize>::new());
+        // an explicit field keeps the others' defaults
+        let s = ResampleSchedule { every: Some(1), ..Default::default() };
+        assert_eq!(s.steps(10, |_| true), vec![2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_nan_reward_kills_the_particle_under_every_potential() {
+        for kind in [Potential::Diff, Potential::Max, Potential::Sum, Potential::Current] {
+            let mut w = Weights::new(kind, 2.0, 3);
+            w.reweight(&[0.5, 0.9, 0.2]);
+            w.reweight(&[0.4, f32::NAN, 0.3]);
+            let p = normalize(&w.logw);
+            assert_eq!(p[1], 0.0, "{kind:?}: {p:?}");
+            w.terminal(&[0.5, 0.9, 0.3]);
+            let p = normalize(&w.logw);
+            assert_eq!(p[1], 0.0, "{kind:?}: {p:?}");
+            assert!(p.iter().all(|v| v.is_finite()), "{kind:?}: {p:?}");
+            // a non-finite final reward kills too
+            w.terminal(&[f32::INFINITY, 0.0, 0.0]);
+            assert_eq!(normalize(&w.logw)[0], 0.0, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn huge_beta_never_makes_the_terminal_correction_nan() {
+        for kind in [Potential::Diff, Potential::Max, Potential::Sum, Potential::Current] {
+            let mut w = Weights::new(kind, MAX_BETA, 2);
+            for _ in 0..50 {
+                w.reweight(&[f32::MAX, -f32::MAX]);
+            }
+            w.terminal(&[f32::MAX, -f32::MAX]);
+            assert!(w.logw.iter().all(|l| !l.is_nan()), "{kind:?}: {:?}", w.logw);
+            let p = normalize(&w.logw);
+            assert!(p.iter().all(|v| v.is_finite()) && (p.iter().sum::<f64>() - 1.0).abs() < 1e-12, "{kind:?}");
+            assert!(p[0] > p[1], "{kind:?}: {p:?}");
+        }
+        let too_big = FkSpec { beta: 1e7, ..serde_json::from_str("{}").unwrap() };
+        assert_eq!(too_big.validate().unwrap_err().0, "beta");
     }
 }

@@ -114,6 +114,91 @@ impl SteeringSpec {
 pub struct SteeringLimits {
     pub max_particles: usize,
     pub max_reno_iterations: usize,
+    /// Sampling steps of a ReNO request (its gradient graph spans every step).
+    pub max_reno_steps: usize,
+}
+
+impl SteeringLimits {
+    /// No limits (local runs that pay for their own work), except ReNO's step cap.
+    pub fn unlimited() -> Self {
+        Self { max_particles: usize::MAX, max_reno_iterations: usize::MAX, max_reno_steps: DEFAULT_MAX_RENO_STEPS }
+    }
+}
+
+/// Default of `limits.max_reno_steps`.
+pub const DEFAULT_MAX_RENO_STEPS: usize = 4;
+
+/// Why a strategy cannot steer with a request's sampler and step count.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanError {
+    /// FK/SVDD over more than one step whose scheduled steps are followed by no noise: copies
+    /// of a particle (or candidates of one state) never diverge.
+    NeedsNoise { method: &'static str },
+    /// An explicit FK `resample` schedule that names no step of the run.
+    EmptySchedule { steps: usize },
+    /// ReNO over more steps than `limits.max_reno_steps`.
+    TooManyRenoSteps { steps: usize, max: usize },
+}
+
+impl PlanError {
+    /// The request field to blame; `noise_field` is `eta` for DDIM, else `scheduler`.
+    pub fn field(&self, noise_field: &str) -> String {
+        match self {
+            PlanError::NeedsNoise { .. } => noise_field.to_string(),
+            PlanError::EmptySchedule { .. } => "steering.resample".into(),
+            PlanError::TooManyRenoSteps { .. } => "steps".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanError::NeedsNoise { method } => write!(
+                f,
+                "steering method `{method}` needs a stochastic sampler, one that adds noise after the steps it \
+                 steers at (copies of a particle never diverge under deterministic steps). Use ddim with eta > 0 \
+                 (the default for {method}), ddpm, euler-ancestral or lcm"
+            ),
+            PlanError::EmptySchedule { steps } => write!(
+                f,
+                "the `resample` schedule names none of the {steps} steps (steps 1 to {} can reweight); widen \
+                 start/end, lower `every`, or leave `resample` out for a schedule that fits the step count",
+                steps.saturating_sub(1)
+            ),
+            PlanError::TooManyRenoSteps { steps, max } => write!(
+                f,
+                "ReNO backpropagates through every sampling step; at most {max} steps (limits.max_reno_steps), got \
+                 {steps}. Use a few-step sampler (lcm with the `lcm` adapter, or SD-Turbo)"
+            ),
+        }
+    }
+}
+
+/// The checks that need the sampler and step count, in one place for request validation and for
+/// [`run`]: FK and SVDD must have noise after a step they steer at (a one-step run only selects,
+/// which needs none), an explicit FK schedule must name a step, ReNO's steps are capped.
+pub fn check_plan(spec: &SteeringSpec, sampler: &dyn Sampler, max_reno_steps: usize) -> Result<(), PlanError> {
+    let n = sampler.num_steps();
+    match spec {
+        SteeringSpec::Fk(s) if n >= 2 => {
+            let steps = s.resample.steps(n, |i| sampler.injects_noise(i));
+            if !steps.iter().any(|&i| sampler.injects_noise(i)) {
+                if steps.is_empty() && s.resample != fk::ResampleSchedule::default() {
+                    return Err(PlanError::EmptySchedule { steps: n });
+                }
+                return Err(PlanError::NeedsNoise { method: "fk" });
+            }
+            Ok(())
+        }
+        SteeringSpec::Svdd(_) if n >= 2 && !(0..n - 1).any(|i| sampler.injects_noise(i)) => {
+            Err(PlanError::NeedsNoise { method: "svdd" })
+        }
+        SteeringSpec::Reno(_) if n > max_reno_steps => {
+            Err(PlanError::TooManyRenoSteps { steps: n, max: max_reno_steps })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Everything a strategy needs for one request.
@@ -171,8 +256,11 @@ impl TraceEvent {
 pub struct PhaseTimings {
     /// Prompt encoding.
     pub encode_ms: f64,
-    /// Denoiser calls (forward, and backward for ReNO).
+    /// Denoiser forward calls.
     pub denoise_ms: f64,
+    /// ReNO's backward passes (through the reward, decoder and every denoiser call).
+    #[serde(default)]
+    pub backward_ms: f64,
     /// Decoding intermediate x0 predictions and scoring them (and the final images).
     pub reward_ms: f64,
     /// Decoding the final images.
@@ -205,6 +293,8 @@ pub struct Steered {
     pub denoiser_evals: usize,
     /// Reward evaluations (images scored) of the whole request.
     pub reward_evals: usize,
+    /// Denoiser calls differentiated (ReNO), each CFG branch counted.
+    pub backward_evals: usize,
     pub timings: PhaseTimings,
     pub prompt_truncated: bool,
 }
@@ -219,15 +309,14 @@ pub fn run(
     if spec.needs_reward() && ctx.reward.is_none() {
         return Err(invalid("reward", format!("steering method `{}` needs a reward", spec.method())));
     }
-    if spec.needs_stochastic_sampler() && !ctx.sampler.is_stochastic() {
-        return Err(invalid(
-            "scheduler",
-            format!(
-                "steering method `{}` needs a stochastic sampler: with deterministic steps copies of a \
-                 particle never diverge. Use `ddim` with eta > 0, `ddpm`, `euler-ancestral` or `lcm`",
-                spec.method()
-            ),
-        ));
+    // The API and the CLI check this with the configured ReNO step cap; here only what would
+    // make the strategy meaningless.
+    if let Err(e) = check_plan(spec, ctx.sampler, usize::MAX) {
+        let field = match e {
+            PlanError::EmptySchedule { .. } => "steering.resample",
+            _ => "scheduler",
+        };
+        return Err(invalid(field, e.to_string()));
     }
     if ctx.init_latents.is_some() && !matches!(spec, SteeringSpec::None | SteeringSpec::Reno(_)) {
         return Err(invalid(
@@ -253,19 +342,21 @@ pub(crate) struct Runner<'a, 'c> {
     pub rngs: Vec<ChaCha12Rng>,
     pub denoiser_evals: usize,
     pub reward_evals: usize,
+    pub backward_evals: usize,
     pub timings: PhaseTimings,
     started: Instant,
 }
 
 impl<'a, 'c> Runner<'a, 'c> {
     pub fn new(ctx: &'a SteerContext<'c>) -> Self {
-        let rngs = ctx.seeds.iter().map(|&s| ChaCha12Rng::seed_from_u64(s ^ 0x5EED_5A3B_1E5C_A1E5)).collect();
+        let rngs = ctx.seeds.iter().map(|&s| resampling_rng(s)).collect();
         Self {
             ctx,
             noise: PerImageNoise::new_with_seeds(&ctx.seeds),
             rngs,
             denoiser_evals: 0,
             reward_evals: 0,
+            backward_evals: 0,
             timings: PhaseTimings::default(),
             started: Instant::now(),
         }
@@ -360,6 +451,26 @@ impl<'a, 'c> Runner<'a, 'c> {
         Ok(Some(r))
     }
 
+    /// Report progress (with the step's x̂0 when the strategy has it); `Err(Cancelled)` with the
+    /// work done so far when the caller asked to stop.
+    pub fn tick(
+        &self,
+        progress: &mut dyn FnMut(Progress) -> bool,
+        step: usize,
+        total: usize,
+        x0: Option<&Tensor>,
+    ) -> Result<(), GenerationError> {
+        if progress(Progress { step, total, x0: x0.cloned() }) {
+            Ok(())
+        } else {
+            Err(GenerationError::Cancelled(crate::pipeline::Spent {
+                step,
+                denoiser_evals: self.denoiser_evals,
+                reward_evals: self.reward_evals,
+            }))
+        }
+    }
+
     pub fn decode(&mut self, latents: &Tensor) -> candle_core::Result<Tensor> {
         let t = Instant::now();
         let d = self.ctx.model.decode(latents)?;
@@ -377,17 +488,31 @@ impl<'a, 'c> Runner<'a, 'c> {
     ) -> Steered {
         let total = ms(self.started);
         let t = &self.timings;
-        self.timings.other_ms = (total - t.encode_ms - t.denoise_ms - t.reward_ms - t.decode_ms).max(0.0);
+        self.timings.other_ms =
+            (total - t.encode_ms - t.denoise_ms - t.backward_ms - t.reward_ms - t.decode_ms).max(0.0);
         Steered {
             images,
             decoded,
             init_latents,
             denoiser_evals: self.denoiser_evals,
             reward_evals: self.reward_evals,
+            backward_evals: self.backward_evals,
             timings: self.timings,
             prompt_truncated: cond_truncated,
         }
     }
+}
+
+/// ChaCha stream of the resampling RNG: the image's noise uses stream 0 of the same seed.
+const RESAMPLING_STREAM: u64 = 1;
+
+/// The RNG for resampling and selection of the image with seed `seed`: the seed's own key on a
+/// stream the noise never uses. (Seeding it with `seed ^ constant` made it the noise stream of
+/// another seed.)
+pub fn resampling_rng(seed: u64) -> ChaCha12Rng {
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
+    rng.set_stream(RESAMPLING_STREAM);
+    rng
 }
 
 pub(crate) fn ms(t: Instant) -> f64 {
@@ -403,21 +528,6 @@ pub(crate) fn global_indices(per_group: &[Vec<usize>], k: usize) -> Vec<u32> {
 pub(crate) fn gather(t: &Tensor, idx: &[u32]) -> candle_core::Result<Tensor> {
     let ids = Tensor::from_slice(idx, idx.len(), t.device())?;
     t.index_select(&ids, 0)
-}
-
-/// Report progress (with the step's x̂0 when the strategy has it); `Err(Cancelled)` when the
-/// caller asked to stop.
-pub(crate) fn tick(
-    progress: &mut dyn FnMut(Progress) -> bool,
-    step: usize,
-    total: usize,
-    x0: Option<&Tensor>,
-) -> Result<(), GenerationError> {
-    if progress(Progress { step, total, x0: x0.cloned() }) {
-        Ok(())
-    } else {
-        Err(GenerationError::Cancelled(step))
-    }
 }
 
 /// A steering request as the engine receives it: the strategy, the reward built from the
@@ -492,4 +602,25 @@ pub fn generate(
     };
     let steered = run(&ctx, &req.spec, progress)?;
     Ok(SteeredGeneration { steered, params, seeds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngCore;
+
+    #[test]
+    fn the_resampling_rng_is_no_seeds_noise_stream() {
+        for seed in [0u64, 1, 42, u64::MAX] {
+            let mut ours = resampling_rng(seed);
+            assert_eq!(ours.get_stream(), RESAMPLING_STREAM);
+            let first = ours.next_u64();
+            // the noise stream of the same seed, and of the seed the old derivation collided with
+            for other in [seed, seed ^ 0x5EED_5A3B_1E5C_A1E5] {
+                let mut noise = ChaCha12Rng::seed_from_u64(other);
+                assert_eq!(noise.get_stream(), 0);
+                assert_ne!(first, noise.next_u64(), "seed {seed}, other {other}");
+            }
+        }
+    }
 }

@@ -11,7 +11,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ms, tick, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
+use super::{ms, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
 use crate::pipeline::{GenerationError, Progress};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
@@ -20,15 +20,22 @@ pub enum Optimizer {
     /// SGD with (Nesterov) momentum, PyTorch's update rule.
     #[default]
     Sgd,
-    /// Adam (β1 0.9, β2 0.999, ε 1e-8), PyTorch's update rule.
+    /// Adam (β1 0.9, β2 0.999, ε `adam_eps`), PyTorch's update rule.
     Adam,
 }
 
 fn d_iterations() -> usize {
     50
 }
-fn d_lr() -> f64 {
-    5.0
+/// The reference code's learning rate for SGD on clipped gradients.
+pub const SGD_LR: f64 = 5.0;
+/// Adam normalises the step, so its rate is a step size per element: 0.05 moves each noise
+/// element by about 0.05 · m̂ / (√v̂ + ε).
+pub const ADAM_LR: f64 = 0.05;
+/// ReNO's Adam ε. With gradients clipped to norm 0.1 (~1e-3 per element), PyTorch's 1e-8
+/// makes the first step ±lr on every element, which destroys the noise.
+fn d_adam_eps() -> f64 {
+    1e-2
 }
 fn d_momentum() -> f64 {
     0.9
@@ -53,9 +60,12 @@ pub struct RenoSpec {
     pub iterations: usize,
     #[serde(default)]
     pub optimizer: Optimizer,
-    /// Learning rate; default 5.0.
-    #[serde(default = "d_lr")]
-    pub lr: f64,
+    /// Learning rate; default 5.0 for SGD (the reference's), 0.05 for Adam.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Adam's ε; default 0.01 (ReNO's).
+    #[serde(default = "d_adam_eps")]
+    pub adam_eps: f64,
     /// SGD momentum; default 0.9.
     #[serde(default = "d_momentum")]
     pub momentum: f64,
@@ -80,10 +90,23 @@ impl Default for RenoSpec {
 }
 
 impl RenoSpec {
+    /// The learning rate in effect.
+    pub fn learning_rate(&self) -> f64 {
+        self.lr.unwrap_or(match self.optimizer {
+            Optimizer::Sgd => SGD_LR,
+            Optimizer::Adam => ADAM_LR,
+        })
+    }
+
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |f: &str, m: String| Err((f.to_string(), m));
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return err("lr", format!("must be positive, got {}", self.lr));
+        if let Some(lr) = self.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return err("lr", format!("must be positive, got {lr}"));
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return err("adam_eps", format!("must be positive, got {}", self.adam_eps));
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return err("momentum", format!("must be in [0, 1), got {}", self.momentum));
@@ -154,6 +177,48 @@ pub fn reward_of_noise(ctx: &SteerContext, eps: &Tensor) -> Result<Tensor, Gener
     Ok(reward.score_tensor(&images, ctx.prompt)?)
 }
 
+/// Moments of the optimiser between iterations.
+#[derive(Default)]
+struct OptimizerState {
+    momentum: Option<Tensor>,
+    second: Option<Tensor>,
+}
+
+impl OptimizerState {
+    /// The update direction for iteration `it` (0-based), before the learning rate: PyTorch's
+    /// SGD (with momentum, optionally Nesterov) or Adam.
+    fn step(&mut self, spec: &RenoSpec, grad: &Tensor, it: usize) -> candle_core::Result<Tensor> {
+        match spec.optimizer {
+            Optimizer::Sgd => {
+                let buf = match self.momentum.take() {
+                    Some(b) => ((b * spec.momentum)? + grad)?,
+                    None => grad.clone(),
+                };
+                let d = if spec.nesterov { (grad + (&buf * spec.momentum)?)? } else { buf.clone() };
+                self.momentum = Some(buf);
+                Ok(d)
+            }
+            Optimizer::Adam => {
+                let (b1, b2, e) = (0.9f64, 0.999f64, spec.adam_eps);
+                let m = match self.momentum.take() {
+                    Some(m) => ((m * b1)? + (grad * (1.0 - b1))?)?,
+                    None => (grad * (1.0 - b1))?,
+                };
+                let v = match self.second.take() {
+                    Some(v) => ((v * b2)? + (grad.sqr()? * (1.0 - b2))?)?,
+                    None => (grad.sqr()? * (1.0 - b2))?,
+                };
+                let n = (it + 1) as i32;
+                let mhat = (&m / (1.0 - b1.powi(n)))?;
+                let vhat = (&v / (1.0 - b2.powi(n)))?;
+                self.momentum = Some(m);
+                self.second = Some(v);
+                mhat / (vhat.sqrt()? + e)?
+            }
+        }
+    }
+}
+
 struct Best {
     loss: f64,
     reward: f32,
@@ -184,8 +249,10 @@ pub fn run(
     let mut gen = Generator { runner: &mut r, cond, step_noise };
 
     let eps = Var::from_tensor(&unit)?;
-    let mut momentum: Option<Tensor> = None;
-    let mut second: Option<Tensor> = None;
+    let lr = spec.learning_rate();
+    // Denoiser calls in one pass of G (each CFG branch counted), all differentiated by a backward.
+    let calls_per_pass = ctx.sampler.num_steps() * groups * gen.cond.evals_per_latent();
+    let mut state = OptimizerState::default();
     let mut best: Vec<Option<Best>> = (0..groups).map(|_| None).collect();
     let mut traces: Vec<Vec<TraceEvent>> = vec![Vec::new(); groups];
 
@@ -223,7 +290,8 @@ pub fn run(
                 .get(eps.as_tensor())
                 .ok_or_else(|| candle_core::Error::Msg("no gradient reached the initial noise".into()))?
                 .clone();
-            gen.runner.timings.denoise_ms += ms(t);
+            gen.runner.timings.backward_ms += ms(t);
+            gen.runner.backward_evals += calls_per_pass;
             // Per-image gradient norms, clipped image by image (images are independent problems).
             let norms: Vec<f32> = grad.reshape((groups, ()))?.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
             grad_norms = norms.iter().map(|&n| Some(n as f64)).collect();
@@ -236,35 +304,8 @@ pub fn run(
                 }
                 None => grad,
             };
-            let step = match spec.optimizer {
-                Optimizer::Sgd => {
-                    let buf = match momentum.take() {
-                        Some(b) => ((b * spec.momentum)? + &grad)?,
-                        None => grad.clone(),
-                    };
-                    let d = if spec.nesterov { (&grad + (&buf * spec.momentum)?)? } else { buf.clone() };
-                    momentum = Some(buf);
-                    d
-                }
-                Optimizer::Adam => {
-                    let (b1, b2, e) = (0.9f64, 0.999f64, 1e-8);
-                    let m = match momentum.take() {
-                        Some(m) => ((m * b1)? + (&grad * (1.0 - b1))?)?,
-                        None => (&grad * (1.0 - b1))?,
-                    };
-                    let v = match second.take() {
-                        Some(v) => ((v * b2)? + (grad.sqr()? * (1.0 - b2))?)?,
-                        None => (grad.sqr()? * (1.0 - b2))?,
-                    };
-                    let n = (it + 1) as i32;
-                    let mhat = (&m / (1.0 - b1.powi(n)))?;
-                    let vhat = (&v / (1.0 - b2.powi(n)))?;
-                    momentum = Some(m);
-                    second = Some(v);
-                    (mhat / (vhat.sqrt()? + e)?)?
-                }
-            };
-            eps.set(&(eps.as_tensor().detach() - (step * spec.lr)?)?)?;
+            let step = state.step(spec, &grad, it)?;
+            eps.set(&(eps.as_tensor().detach() - (step * lr)?)?)?;
         }
         if ctx.trace {
             for (g, trace) in traces.iter_mut().enumerate() {
@@ -274,7 +315,7 @@ pub fn run(
                 trace.push(ev);
             }
         }
-        tick(progress, it + 1, spec.iterations, None)?;
+        gen.runner.tick(progress, it + 1, spec.iterations, None)?;
     }
 
     let mut images = Vec::with_capacity(groups);
@@ -292,4 +333,23 @@ pub fn run(
     }
     let decoded = Tensor::cat(&decoded, 0)?;
     Ok(r.finish(images, decoded, Some(unit), truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adams_first_step_follows_the_gradient_not_its_sign() {
+        // Clipped ReNO gradients are ~1e-3 per element. With ε = 1e-8 Adam's first step is
+        // ±1 on every element (sign descent); with ReNO's 1e-2 it stays proportional.
+        let grad = Tensor::new(&[1e-3f32, 1e-4, -1e-3], &candle_core::Device::Cpu).unwrap();
+        let spec = RenoSpec { optimizer: Optimizer::Adam, ..RenoSpec::default() };
+        let step: Vec<f32> = OptimizerState::default().step(&spec, &grad, 0).unwrap().to_vec1().unwrap();
+        assert!(step[0] > 0.05 && step[0] < 0.15, "{step:?}");
+        assert!((step[0] / step[1]) > 5.0, "small gradients must move less: {step:?}");
+        assert!((step[0] + step[2]).abs() < 1e-6);
+        assert!(spec.learning_rate() * (step[0] as f64) < 0.01, "first move per element stays small");
+        assert_eq!(RenoSpec::default().learning_rate(), SGD_LR);
+    }
 }

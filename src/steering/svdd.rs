@@ -4,13 +4,15 @@
 //! the argmax when α = 0, else a draw from softmax(value / α) (target p·exp(r/α)).
 //!
 //! The winner's model output at the next timestep is cached and reused as that step's shared
-//! prediction, which saves one of the M + 1 evaluations per step of the reference code.
+//! prediction, which saves one of the M + 1 evaluations per step of the reference code. A
+//! one-step run (a 1-step LCM or Turbo generator) has no transition to choose between, so SVDD
+//! chooses among M starting noises by the value of their x̂0 instead.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::weights::{argmax, categorical, ess, normalize};
-use super::{gather, tick, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
+use super::{gather, Runner, SteerContext, Steered, SteeredImage, TraceEvent};
 use crate::pipeline::{GenerationError, Progress};
 
 fn default_candidates() -> usize {
@@ -40,6 +42,33 @@ impl SvddSpec {
     }
 }
 
+/// Choose one of `m` candidates per group by their values: the argmax when α = 0, else a draw
+/// from softmax(value / α). Returns global row indices.
+fn select(r: &mut Runner, spec: &SvddSpec, values: &[f32], step: usize, traces: &mut [Vec<TraceEvent>]) -> Vec<u32> {
+    let m = spec.candidates;
+    let trace_on = r.ctx.trace;
+    let mut rows = Vec::with_capacity(traces.len());
+    for (g, trace) in traces.iter_mut().enumerate() {
+        let v = &values[g * m..(g + 1) * m];
+        let (pick, probs) = if spec.alpha == 0.0 {
+            (argmax(v), None)
+        } else {
+            let logits: Vec<f64> = v.iter().map(|&s| s as f64 / spec.alpha).collect();
+            let w = normalize(&logits);
+            (categorical(&w, &mut r.rngs[g]), Some(w))
+        };
+        if trace_on {
+            let mut ev = TraceEvent::new(step, "select", v.to_vec());
+            ev.ess = probs.as_deref().map(ess);
+            ev.weights = probs;
+            ev.chosen = Some(vec![pick]);
+            trace.push(ev);
+        }
+        rows.push((g * m + pick) as u32);
+    }
+    rows
+}
+
 pub fn run(
     ctx: &SteerContext,
     spec: &SvddSpec,
@@ -49,12 +78,15 @@ pub fn run(
     let (m, groups) = (spec.candidates, r.groups());
     let sampler = ctx.sampler;
     let total = sampler.num_steps();
+    let mut traces: Vec<Vec<TraceEvent>> = vec![Vec::new(); groups];
+    if total == 1 {
+        return one_step(r, spec, traces, progress);
+    }
     let cond_one = r.conditioning(1)?;
-    let cond_cands = if total > 1 { Some(r.conditioning(m)?) } else { None };
-    let (unit, mut x) = r.initial(1)?;
+    let cond_cands = r.conditioning(m)?;
+    let (_, mut x) = r.initial(1)?;
     let repeat: Vec<u32> = (0..groups).flat_map(|g| std::iter::repeat_n(g as u32, m)).collect();
     let mut cached: Option<candle_core::Tensor> = None;
-    let mut traces: Vec<Vec<TraceEvent>> = vec![Vec::new(); groups];
 
     for i in 0..total {
         let out = match cached.take() {
@@ -65,45 +97,56 @@ pub fn run(
         if i + 1 == total {
             let z = if sampler.step_needs_noise(i) { Some(r.noise(1)?) } else { None };
             x = sampler.transition(&x, &x0, i, z.as_ref())?;
-            tick(progress, i + 1, total, Some(&x0))?;
+            r.tick(progress, i + 1, total, Some(&x0))?;
             break;
         }
         let xs = gather(&x, &repeat)?;
         let x0s = gather(&x0, &repeat)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(m)?) } else { None };
         let cands = sampler.transition(&xs, &x0s, i, z.as_ref())?;
-        let cond = cond_cands.as_ref().expect("built when total > 1");
-        let out_c = r.predict(cond, &cands, i + 1)?;
+        let out_c = r.predict(&cond_cands, &cands, i + 1)?;
         let x0_c = sampler.predict_x0(&cands, &out_c, i + 1)?;
         let values = r.score(&x0_c)?;
-        let mut rows = Vec::with_capacity(groups);
-        for (g, trace) in traces.iter_mut().enumerate() {
-            let v = &values[g * m..(g + 1) * m];
-            let (pick, probs) = if spec.alpha == 0.0 {
-                (argmax(v), None)
-            } else {
-                let logits: Vec<f64> = v.iter().map(|&s| s as f64 / spec.alpha).collect();
-                let w = normalize(&logits);
-                (categorical(&w, &mut r.rngs[g]), Some(w))
-            };
-            if ctx.trace {
-                let mut ev = TraceEvent::new(i, "select", v.to_vec());
-                ev.ess = probs.as_deref().map(ess);
-                ev.weights = probs;
-                ev.chosen = Some(vec![pick]);
-                trace.push(ev);
-            }
-            rows.push((g * m + pick) as u32);
-        }
+        let rows = select(&mut r, spec, &values, i, &mut traces);
         x = gather(&cands, &rows)?;
         cached = Some(gather(&out_c, &rows)?);
         // The preview is the first image's chosen x̂0: a view, not a gather of every group.
-        tick(progress, i + 1, total, Some(&x0_c.narrow(0, rows[0] as usize, 1)?))?;
+        r.tick(progress, i + 1, total, Some(&x0_c.narrow(0, rows[0] as usize, 1)?))?;
     }
+    finish(r, x, traces, cond_one.truncated)
+}
 
+/// A one-step run has no transition to draw candidates from: SVDD chooses among M starting
+/// noises by the value of their x̂0, which for a one-step sampler is the image itself.
+fn one_step(
+    mut r: Runner,
+    spec: &SvddSpec,
+    mut traces: Vec<Vec<TraceEvent>>,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Steered, GenerationError> {
+    let sampler = r.ctx.sampler;
+    let cond = r.conditioning(spec.candidates)?;
+    let (_, xs) = r.initial(spec.candidates)?;
+    let out = r.predict(&cond, &xs, 0)?;
+    let x0s = sampler.predict_x0(&xs, &out, 0)?;
+    let values = r.score(&x0s)?;
+    let rows = select(&mut r, spec, &values, 0, &mut traces);
+    let (x, x0) = (gather(&xs, &rows)?, gather(&x0s, &rows)?);
+    let z = if sampler.step_needs_noise(0) { Some(r.noise(1)?) } else { None };
+    let x = sampler.transition(&x, &x0, 0, z.as_ref())?;
+    r.tick(progress, 1, 1, Some(&x0.narrow(0, 0, 1)?))?;
+    finish(r, x, traces, cond.truncated)
+}
+
+fn finish(
+    mut r: Runner,
+    x: candle_core::Tensor,
+    traces: Vec<Vec<TraceEvent>>,
+    truncated: bool,
+) -> Result<Steered, GenerationError> {
     let decoded = r.decode(&x)?;
     let rewards = r.score_images(&decoded)?.expect("svdd has a reward");
-    let mut images = Vec::with_capacity(groups);
+    let mut images = Vec::with_capacity(traces.len());
     for (g, trace) in traces.into_iter().enumerate() {
         images.push(SteeredImage {
             latents: x.narrow(0, g, 1)?,
@@ -112,6 +155,5 @@ pub fn run(
             optimized_noise: None,
         });
     }
-    let _ = unit;
-    Ok(r.finish(images, decoded, None, cond_one.truncated))
+    Ok(r.finish(images, decoded, None, truncated))
 }
