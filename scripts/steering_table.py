@@ -43,6 +43,7 @@ ROWS = [
     ("base", "base, 50-step DDIM", "—", BASE),
     ("base_bon4", "best-of-4, base 50-step DDIM", "×4", BASE + steer({"method": "best_of_n", "n": 4})),
     ("base_fk4", "FK diff k=4, base 50-step DDIM", "×4", BASE + steer({"method": "fk", "particles": 4})),
+    ("lcm1", "LCM-LoRA, 1 step", "—", LCM + ["--steps", "1"]),
     ("lcm4", "LCM-LoRA, 4 steps", "—", LCM + ["--steps", "4"]),
     ("bon4", "best-of-4", "×4", LCM + ["--steps", "4"] + steer({"method": "best_of_n", "n": 4})),
     ("fk4", "FK diff k=4", "×4", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 4})),

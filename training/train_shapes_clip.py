@@ -318,7 +318,7 @@ def main():
     ap.add_argument("--eval-seed", type=int, default=777, help="generator seed of the held-out scenes")
     ap.add_argument("--eval-count", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--hard", type=int, default=4, help="hard negatives per image")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -326,6 +326,8 @@ def main():
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--text-layers", type=int, default=3)
     ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--relation-focus", action=argparse.BooleanOptionalAction, default=True,
+                    help="give position captions both relation negatives every step")
     ap.add_argument("--tiny", action="store_true", help="a few steps of a tiny model (CI smoke test)")
     args = ap.parse_args()
     if args.tiny:
@@ -356,13 +358,17 @@ def main():
         x, captions, _ = stream.batch(args.batch)
         hard = []
         for c in captions:
-            pool = [t for k in KINDS for t in negatives(c)[k]]
-            # one of each applicable kind first, so rare kinds (relation, missing) are seen
-            by_kind = [negatives(c)[k] for k in KINDS if negatives(c)[k]]
-            picks = [rng.choice(v) for v in by_kind]
+            neg = negatives(c)
+            pool = [t for k in KINDS for t in neg[k]]
+            # One of each applicable kind first, so rare kinds (relation, missing) are seen; a
+            # relation caption gets both of its relation negatives (the opposite relation and
+            # the swapped objects): relations are what a pooled text embedding learns last.
+            focus = args.relation_focus and neg["relation"]
+            by_kind = [neg[k] for k in KINDS if neg[k] and not (focus and k == "relation")]
+            picks = [rng.choice(v) for v in by_kind] + (list(neg["relation"]) if focus else [])
             while len(picks) < args.hard:
                 picks.append(rng.choice(pool))
-            hard.extend(picks[:args.hard] if len(picks) > args.hard else picks)
+            hard.extend(picks[-args.hard:])
         texts = captions + hard
         ids = tokenize(tok, texts)
         same = torch.tensor([[a == b for b in captions] for a in captions])

@@ -143,11 +143,11 @@ def main():
     ap.add_argument("--tiller", default=os.path.join(REPO, "target", "debug", "tiller"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pool", type=int, default=16000)
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (100 warm-up steps, cosine decay)")
     ap.add_argument("--ema", type=float, default=0.95)
     ap.add_argument("--guidance", type=float, default=7.5, help="teacher CFG scale")
     ap.add_argument("--huber-c", type=float, default=0.001)
@@ -193,7 +193,7 @@ def main():
     log = []
     w = args.guidance
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 100)
+        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, latents.shape[0], (args.batch,), generator=gen)
