@@ -64,9 +64,12 @@ RUN apt-get update \
 COPY --from=build /out/tiller /usr/local/bin/tiller
 # The default shapes-world model (and toy-gmm); mount a volume on /models to serve others.
 COPY models /models
+# The shipped LoRA adapters (the default model's LCM-LoRA, `shapes-lcm`).
+COPY adapters /adapters
 COPY tiller.example.toml /etc/tiller/tiller.example.toml
 ENV TILLER_BIND=0.0.0.0:8080 \
     TILLER_MODELS_DIR=/models \
+    TILLER_ADAPTERS_DIR=/adapters \
     RUST_LOG=info
 USER tiller
 EXPOSE 8080

@@ -10,11 +10,12 @@ draws its own captions and noises), and writes the table as Markdown and JSON:
     scripts/steering_table.py --list                # the rows
 
 Rows: the base model (50-step DDIM, CFG 7.5), the LCM-LoRA generator (`adapters/shapes-lcm`,
-`lcm` sampler, no CFG) at 4 steps, and on that generator best-of-N, FK (`diff` and `max`
-potentials), SVDD and ReNO (on its 1-step form) with the `shapes_clip` reward, at two matched
-budgets of denoiser evaluations (NFE) per image; FK and best-of-N with k = 4 on the base model
-too. Reward evaluations and ReNO's backward passes are counted in their own columns. Standard
-library only; it needs the release binary (`cargo build --release`).
+`lcm` sampler, no CFG) at 1 and 4 steps, and on that generator best-of-N, FK (`diff` and `max`
+potentials) and SVDD with the `shapes_clip` reward at two matched budgets of denoiser
+evaluations (NFE) per image, ×4 and ×8 the 4-step run, and ReNO on its 1-step form at ×4.
+Reward evaluations and ReNO's backward passes are counted in their own columns. `--rows
+base_fk4,base_bon4` adds FK and best-of-N on the 50-step base model. Standard library only; it
+needs the release binary (`cargo build --release`).
 """
 
 import argparse
@@ -38,23 +39,25 @@ def steer(spec):
     return ["--steering", json.dumps(spec)] + REWARD
 
 
-# (key, label, budget, tiller eval shapes arguments)
+# (key, label, budget, tiller eval shapes arguments, options). Options: "captions" = captions per
+# category for that row when it must be smaller (ReNO backpropagates through the UNet, the
+# decoder and the reward every iteration: about 40x a forward on CPU); "extra" = only with --rows.
 ROWS = [
-    ("base", "base, 50-step DDIM", "—", BASE),
-    ("base_bon4", "best-of-4, base 50-step DDIM", "×4", BASE + steer({"method": "best_of_n", "n": 4})),
-    ("base_fk4", "FK diff k=4, base 50-step DDIM", "×4", BASE + steer({"method": "fk", "particles": 4})),
-    ("lcm1", "LCM-LoRA, 1 step", "—", LCM + ["--steps", "1"]),
-    ("lcm4", "LCM-LoRA, 4 steps", "—", LCM + ["--steps", "4"]),
-    ("bon4", "best-of-4", "×4", LCM + ["--steps", "4"] + steer({"method": "best_of_n", "n": 4})),
-    ("fk4", "FK diff k=4", "×4", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 4})),
-    ("fkmax4", "FK max k=4", "×4", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 4, "potential": "max"})),
-    ("svdd4", "SVDD M=4", "×4", LCM + ["--steps", "4"] + steer({"method": "svdd", "candidates": 4})),
-    ("reno16", "ReNO 16 iterations, 1 step", "×4", LCM + ["--steps", "1"] + steer({"method": "reno", "iterations": 16})),
-    ("bon16", "best-of-16", "×16", LCM + ["--steps", "4"] + steer({"method": "best_of_n", "n": 16})),
-    ("fk16", "FK diff k=16", "×16", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 16})),
-    ("fkmax16", "FK max k=16", "×16", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 16, "potential": "max"})),
-    ("svdd16", "SVDD M=16", "×16", LCM + ["--steps", "4"] + steer({"method": "svdd", "candidates": 16})),
-    ("reno64", "ReNO 64 iterations, 1 step", "×16", LCM + ["--steps", "1"] + steer({"method": "reno", "iterations": 64})),
+    ("base", "base, 50-step DDIM, CFG 7.5", "—", BASE, {}),
+    ("base_bon4", "best-of-4, base 50-step DDIM", "×4", BASE + steer({"method": "best_of_n", "n": 4}), {"extra": True}),
+    ("base_fk4", "FK diff k=4, base 50-step DDIM", "×4", BASE + steer({"method": "fk", "particles": 4}), {"extra": True}),
+    ("lcm1", "LCM-LoRA, 1 step", "—", LCM + ["--steps", "1"], {}),
+    ("lcm4", "LCM-LoRA, 4 steps", "—", LCM + ["--steps", "4"], {}),
+    ("bon4", "best-of-4", "×4", LCM + ["--steps", "4"] + steer({"method": "best_of_n", "n": 4}), {}),
+    ("fk4", "FK diff k=4", "×4", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 4}), {}),
+    ("fkmax4", "FK max k=4", "×4", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 4, "potential": "max"}), {}),
+    ("svdd4", "SVDD M=4", "×4", LCM + ["--steps", "4"] + steer({"method": "svdd", "candidates": 4}), {}),
+    ("reno16", "ReNO 16 iterations, 1 step", "×4", LCM + ["--steps", "1"] + steer({"method": "reno", "iterations": 16}),
+     {"captions": 4}),
+    ("bon8", "best-of-8", "×8", LCM + ["--steps", "4"] + steer({"method": "best_of_n", "n": 8}), {}),
+    ("fk8", "FK diff k=8", "×8", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 8}), {}),
+    ("fkmax8", "FK max k=8", "×8", LCM + ["--steps", "4"] + steer({"method": "fk", "particles": 8, "potential": "max"}), {}),
+    ("svdd8", "SVDD M=8", "×8", LCM + ["--steps", "4"] + steer({"method": "svdd", "candidates": 8}), {}),
 ]
 
 
@@ -95,17 +98,17 @@ def summarise(key, label, budget, reports):
 
 
 def markdown(rows, meta):
-    head = ("| strategy | budget | " + " | ".join(CATEGORIES) +
+    head = ("| strategy | budget | images | " + " | ".join(CATEGORIES) +
             " | mean accuracy (± sd) | shapes_clip | NFE | reward evals | backward | s / image |")
-    lines = [head, "|" + "---|" * (len(CATEGORIES) + 8)]
+    lines = [head, "|" + "---|" * (len(CATEGORIES) + 9)]
     for r in rows:
         fmt = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
         lines.append(
-            f"| {r['label']} | {r['budget']} | " + " | ".join(fmt(r["accuracy"][c]) for c in CATEGORIES) +
+            f"| {r['label']} | {r['budget']} | {r['images']} | " + " | ".join(fmt(r["accuracy"][c]) for c in CATEGORIES) +
             f" | **{fmt(r['mean_accuracy'], 3)}** ± {fmt(r['mean_accuracy_sd'], 3)} | {fmt(r['mean_reward'])} |"
             f" {r['nfe']:.0f} | {r['reward_evals']:.0f} | {r['backward']:.0f} | {r['seconds_per_image']:.2f} |")
     lines.append("")
-    lines.append(f"{meta['per_category']} captions per category × {len(meta['seeds'])} evaluation seeds "
+    lines.append(f"{meta['per_category']} captions per category (ReNO: fewer, see `images`) × {len(meta['seeds'])} evaluation seeds "
                  f"({', '.join(map(str, meta['seeds']))}); {meta['total_seconds'] / 60:.0f} min in all. "
                  f"Command: `{meta['command']}`.")
     return "\n".join(lines) + "\n"
@@ -114,7 +117,7 @@ def markdown(rows, meta):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiller", default=os.path.join(REPO, "target", "release", "tiller"))
-    ap.add_argument("--per-category", type=int, default=20)
+    ap.add_argument("--per-category", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=3, help="evaluation seeds 2026, 2027, ...")
     ap.add_argument("--rows", help="comma-separated row keys (default: all)")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "steering-table"),
@@ -122,22 +125,24 @@ def main():
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
-        for key, label, budget, a in ROWS:
-            print(f"{key:10} {label} ({budget}): tiller eval shapes {' '.join(a)}")
+        for key, label, budget, a, opts in ROWS:
+            print(f"{key:10} {label} ({budget}{', only with --rows' if opts.get('extra') else ''}): "
+                  f"tiller eval shapes {' '.join(a)}")
         return
-    keys = args.rows.split(",") if args.rows else [r[0] for r in ROWS]
+    keys = args.rows.split(",") if args.rows else [r[0] for r in ROWS if not r[4].get("extra")]
     unknown = set(keys) - {r[0] for r in ROWS}
     if unknown:
         sys.exit(f"unknown rows {sorted(unknown)}; --list shows them")
     seeds = [2026 + i for i in range(args.seeds)]
     start = time.time()
     rows = []
-    for key, label, budget, a in ROWS:
+    for key, label, budget, a, opts in ROWS:
         if key not in keys:
             continue
         reports = []
+        per_category = min(args.per_category, opts.get("captions", args.per_category))
         for seed in seeds:
-            r = run_row(args.tiller, a, args.per_category, seed)
+            r = run_row(args.tiller, a, per_category, seed)
             print(f"{key:10} seed {seed}: mean accuracy {r['mean_accuracy']:.3f}, "
                   f"{r['cost']['denoiser_evals_per_image']:.0f} NFE, {r['wall_seconds']:.0f} s", flush=True)
             reports.append(r)

@@ -399,6 +399,9 @@ impl Config {
         if let Some(v) = nonempty("TILLER_MODELS_DIR") {
             self.models.root = PathBuf::from(v);
         }
+        if let Some(v) = nonempty("TILLER_ADAPTERS_DIR") {
+            self.adapters.root = PathBuf::from(v);
+        }
         if let Some(v) = nonempty("TILLER_DEFAULT_MODEL") {
             self.models.default = Some(v);
         }
@@ -507,6 +510,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TILLER_API_KEY", "server.api_key"),
     ("TILLER_ADMIN_KEY", "server.admin_key"),
     ("TILLER_MODELS_DIR", "models.root"),
+    ("TILLER_ADAPTERS_DIR", "adapters.root"),
     ("TILLER_DEFAULT_MODEL", "models.default"),
     ("TILLER_LOAD_MODELS", "models.load (comma-separated)"),
     ("TILLER_DEVICE", "models.device"),

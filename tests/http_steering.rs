@@ -505,13 +505,15 @@ async fn rewards_endpoint_lists_builtins_and_configured() {
         ("scorer", "http", false),
         ("broken", "http", false),
         ("sleepy", "http", false),
+        // shipped under the models root (models/shapes-clip), offered with no configuration
+        ("shapes_clip", "clip_score", true),
     ] {
         let r = find(name);
         assert_eq!(r["kind"], kind, "{r}");
         assert_eq!(r["differentiable"], differentiable, "{r}");
         assert!(r["description"].as_str().is_some_and(|d| !d.is_empty()), "{r}");
     }
-    assert_eq!(data.len(), 7, "{body}");
+    assert_eq!(data.len(), 8, "{body}");
     let names: Vec<&str> = data.iter().map(|r| r["name"].as_str().unwrap()).collect();
     let mut sorted = names.clone();
     sorted.sort();

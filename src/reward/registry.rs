@@ -268,7 +268,14 @@ impl RewardRegistry {
             kind: slot.kind.clone(),
             differentiable,
             target,
-            description: describe(&slot.kind).to_string(),
+            description: match name {
+                "shapes_clip" if slot.kind == "clip_score" => {
+                    "ShapesCLIP (models/shapes-clip): how well a shapes-world image matches its prompt's colours, \
+                     shapes, counts and relations"
+                }
+                _ => describe(&slot.kind),
+            }
+            .to_string(),
         })
     }
 

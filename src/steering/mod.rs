@@ -169,7 +169,7 @@ impl std::fmt::Display for PlanError {
             PlanError::TooManyRenoSteps { steps, max } => write!(
                 f,
                 "ReNO backpropagates through every sampling step; at most {max} steps (limits.max_reno_steps), got \
-                 {steps}. Use a few-step sampler (lcm with the `lcm` adapter, or SD-Turbo)"
+                 {steps}. Use a few-step generator (`lcm` with an LCM-LoRA such as `shapes-lcm`, or SD-Turbo)"
             ),
         }
     }
