@@ -559,10 +559,13 @@ fn check_steering(
         if let Err(e) = crate::steering::check_plan(&spec, sampler.as_ref(), limits.max_reno_steps) {
             let noise_field = if r.scheduler == SamplerKind::Ddim { "eta" } else { "scheduler" };
             let field = e.field(noise_field);
-            return Err(ApiError::invalid(
-                &field,
-                format!("{e} (got `{}`, eta {}, {} steps)", r.scheduler, r.eta, r.steps),
-            ));
+            let message = match e {
+                crate::steering::PlanError::NeedsNoise { .. } => {
+                    format!("{e} (got `{}`, eta {}, {} steps)", r.scheduler, r.eta, r.steps)
+                }
+                _ => e.to_string(),
+            };
+            return Err(ApiError::invalid(&field, message));
         }
     }
     Ok(SteeringRequest { spec, reward, trace: trace.unwrap_or(false) })
