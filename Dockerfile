@@ -58,7 +58,7 @@ FROM ubuntu:22.04 AS run-cpu
 # ---- runtime --------------------------------------------------------------------------------
 FROM run-${VARIANT}
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --create-home --uid 10001 tiller
 COPY --from=build /out/tiller /usr/local/bin/tiller
@@ -72,6 +72,10 @@ ENV TILLER_BIND=0.0.0.0:8080 \
     TILLER_ADAPTERS_DIR=/adapters \
     RUST_LOG=info
 USER tiller
+WORKDIR /home/tiller
 EXPOSE 8080
+# Liveness: /health answers 200 while the process serves (readiness, /ready, waits for the model).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8080/health >/dev/null || exit 1
 ENTRYPOINT ["tiller"]
 CMD ["serve"]
