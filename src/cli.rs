@@ -154,6 +154,16 @@ pub struct GenerateArgs {
     /// Hide the progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    #[command(flatten)]
+    pub steer: SteerArgs,
+    /// Print each image's steering trace (JSON, one line per image) on stdout.
+    #[arg(long)]
+    pub trace: bool,
+}
+
+/// Steering, reward and LoRA options of `tiller generate` and `tiller eval shapes`.
+#[derive(Debug, Args)]
+pub struct SteerArgs {
     /// Steering strategy as JSON, as in the HTTP request's `steering`, e.g.
     /// '{"method": "fk", "particles": 8, "beta": 4}'.
     #[arg(long, value_name = "JSON")]
@@ -165,9 +175,6 @@ pub struct GenerateArgs {
     /// Config file whose `[rewards.*]` tables define named rewards (CLIP, http, ...).
     #[arg(long, env = "TILLER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Print each image's steering trace (JSON, one line per image) on stdout.
-    #[arg(long)]
-    pub trace: bool,
     /// LoRA adapter to apply (repeatable): a .safetensors file, a PEFT/diffusers directory, or
     /// the name of one under --adapters-dir, with an optional weight after the last `:`
     /// (default 1; e.g. `--lora pixel-art:0.8`). The adapters are merged into the weights.
@@ -344,7 +351,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Some(p) => Some(crate::util::tensor_io::load_init_latents(p)?),
         None => None,
     };
-    let model = load_with_loras(&name, &dir, &device, dtype, &args.lora, &args.adapters_dir)?;
+    let model = load_with_loras(&name, &dir, &device, dtype, &args.steer.lora, &args.steer.adapters_dir)?;
     let seed = args.seed.unwrap_or_else(|| rand::random::<u64>() >> 11);
     let params = GenerationParams {
         prompt: args.prompt.clone(),
@@ -360,14 +367,14 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         init_latents,
     };
     let steering = steering_request(
-        args.steering.as_deref(),
-        args.reward.as_deref(),
+        args.steer.steering.as_deref(),
+        args.steer.reward.as_deref(),
         args.trace,
-        args.config.as_deref(),
+        args.steer.config.as_deref(),
         &args.models_dir,
         &device,
     )?;
-    check_steering_plan(model.as_ref(), &params, &steering.spec, args.config.as_deref())?;
+    check_steering_plan(model.as_ref(), &params, &steering.spec, args.steer.config.as_deref())?;
     let resolved = crate::steering::resolve(model.info(), &params, &steering.spec);
     eprintln!(
         "model {name}: {}x{}, {} steps of {}, guidance {}, seed {seed}",

@@ -1,7 +1,7 @@
 //! Server configuration: a TOML file, overridden by `TILLER_*` environment variables, overridden
 //! by command-line flags (in that order; later wins).
 //!
-//! Every key is documented in README.md ("Configuration reference") and in
+//! Every key is documented in docs/config.md (linked from the README) and in
 //! `tiller.example.toml`, which a test parses.
 
 use std::fmt;

@@ -18,9 +18,9 @@ fn example_config_parses_and_validates() {
 }
 
 #[test]
-fn example_config_and_readme_mention_every_key() {
+fn example_config_and_the_reference_mention_every_key() {
     let text = example();
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config.md")).unwrap();
     let defaults = toml::Value::try_from(Config::default()).unwrap();
     let mut keys = Vec::new();
     for (section, table) in defaults.as_table().unwrap() {
@@ -33,9 +33,9 @@ fn example_config_and_readme_mention_every_key() {
     }
     for (section, key) in keys {
         assert!(text.contains(&format!("{key} =")), "tiller.example.toml lacks `{section}.{key}`");
-        assert!(readme.contains(&format!("`{section}.{key}`")), "README lacks `{section}.{key}`");
+        assert!(readme.contains(&format!("`{section}.{key}`")), "docs/config.md lacks `{section}.{key}`");
     }
     for (var, _) in tiller::config::ENV_VARS {
-        assert!(readme.contains(var), "README lacks {var}");
+        assert!(readme.contains(var), "docs/config.md lacks {var}");
     }
 }

@@ -191,3 +191,25 @@ fn reno_with_shapes_clip_raises_the_reward_of_the_one_step_generator() {
         assert_eq!(out.steered.backward_evals, 5, "5 updates through one step");
     }
 }
+
+#[test]
+fn eval_shapes_steers_with_the_shipped_reward_and_adapter_and_reports_the_cost() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiller"))
+        .current_dir(repo())
+        .args(["eval", "shapes", "--model", "shapes", "--lora", "shapes-lcm", "--scheduler", "lcm"])
+        .args(["--guidance", "1", "--steps", "2", "--per-category", "1", "--json", "--quiet"])
+        .args(["--reward", "shapes_clip", "--steering", r#"{"method": "best_of_n", "n": 2}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["total"], 5);
+    let cost = &report["cost"];
+    // 2 steps × 2 samples, no CFG; each sample scored once at the end.
+    assert_eq!(cost["denoiser_evals_per_image"], 4.0);
+    assert_eq!(cost["reward_evals_per_image"], 2.0);
+    assert_eq!(cost["backward_evals_per_image"], 0.0);
+    assert!(cost["mean_reward"].as_f64().is_some_and(|r| r.is_finite()), "{cost}");
+    assert_eq!(report["reward"], "shapes_clip");
+    assert_eq!(report["steering"]["method"], "best_of_n");
+}

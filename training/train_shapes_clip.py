@@ -33,18 +33,16 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-RECORD = 2 + 94 + 64 * 64 * 3  # `tiller shapes stream` record size
-CATEGORIES = ["single", "counting", "two_objects", "position", "colors"]
+from train_shapes import CATEGORIES, SceneStream  # noqa: E402  (the scene reader the default model trains on)
+
 COLORS = ["red", "green", "blue", "yellow", "purple", "cyan"]
 SHAPES = ["circle", "square", "triangle"]
 NUMBERS = {"a": 1, "two": 2, "three": 3, "four": 4}
@@ -147,31 +145,6 @@ def negatives(caption):
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-class SceneStream:
-    """Scenes from `tiller shapes stream --seed S`: images in [-1, 1], captions, categories."""
-
-    def __init__(self, tiller, seed, start=0):
-        self.proc = subprocess.Popen(
-            [tiller, "shapes", "stream", "--seed", str(seed), "--start", str(start)],
-            stdout=subprocess.PIPE, bufsize=1 << 20)
-
-    def batch(self, n):
-        raw = self.proc.stdout.read(n * RECORD)
-        if len(raw) != n * RECORD:
-            raise RuntimeError("the scene generator stopped early (see its stderr)")
-        rec = np.frombuffer(raw, dtype=np.uint8).reshape(n, RECORD)
-        captions = [bytes(r[2:2 + r[1]]).decode() for r in rec]
-        categories = [CATEGORIES[r[0]] for r in rec]
-        pix = rec[:, 96:].reshape(n, 64, 64, 3).astype(np.float32)
-        images = torch.from_numpy(pix).permute(0, 3, 1, 2) / 127.5 - 1.0
-        return images.contiguous(), captions, categories
-
-    def close(self):
-        self.proc.stdout.close()
-        self.proc.kill()
-        self.proc.wait()
 
 
 def gaussian_blur(x, sigma):

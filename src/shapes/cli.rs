@@ -110,24 +110,11 @@ pub struct EvalShapesArgs {
     /// DDIM η; default 0 (1 under FK and SVDD, which need noise).
     #[arg(long)]
     pub eta: Option<f64>,
-    /// Steering strategy as JSON, as in a request's `steering`, e.g.
-    /// '{"method": "fk", "particles": 4}'. Needs --reward.
-    #[arg(long, value_name = "JSON")]
-    pub steering: Option<String>,
-    /// Reward as JSON or a name, as in a request's `reward` (`shapes_clip`, shipped under the
-    /// models directory). With it the report also gives each image's mean reward.
-    #[arg(long, value_name = "JSON")]
-    pub reward: Option<String>,
-    /// Config file whose `[rewards.*]` tables define named rewards.
-    #[arg(long, env = "TILLER_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// LoRA adapter to merge (repeatable), as `tiller generate --lora`: e.g. `shapes-lcm` with
-    /// `--scheduler lcm --steps 4 --guidance 1`.
-    #[arg(long = "lora", value_name = "PATH_OR_NAME[:SCALE]")]
-    pub lora: Vec<String>,
-    /// Where --lora names are looked up.
-    #[arg(long, default_value = "adapters", value_name = "DIR")]
-    pub adapters_dir: PathBuf,
+    /// Steering, reward and LoRA options as for `tiller generate`: e.g. `--lora shapes-lcm
+    /// --scheduler lcm --steps 4 --guidance 1`, `--steering '{"method": "fk"}' --reward
+    /// shapes_clip` (the report then gives each image's mean reward and the cost per image).
+    #[command(flatten)]
+    pub steer: crate::cli::SteerArgs,
     /// Evaluation seed: captions are drawn from it, and caption k (in category order) is generated
     /// with noise seed `seed + k`.
     #[arg(long, default_value_t = 2026)]
@@ -355,7 +342,8 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
             let (name, dir) = crate::cli::resolve_model_dir(m, &args.models_dir)?;
             let device = args.device.open()?;
             let dtype = args.dtype.check_device(&device)?;
-            let model = crate::cli::load_with_loras(&name, &dir, &device, dtype, &args.lora, &args.adapters_dir)?;
+            let model =
+                crate::cli::load_with_loras(&name, &dir, &device, dtype, &args.steer.lora, &args.steer.adapters_dir)?;
             let (h, w) = model.info().default_size;
             let probe = params(args, String::new(), args.seed);
             let r = crate::pipeline::resolve_for(model.info(), &probe);
@@ -388,15 +376,15 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
     let steering = match &model {
         Some(m) => {
             let req = crate::cli::steering_request(
-                args.steering.as_deref(),
-                args.reward.as_deref(),
+                args.steer.steering.as_deref(),
+                args.steer.reward.as_deref(),
                 false,
-                args.config.as_deref(),
+                args.steer.config.as_deref(),
                 &args.models_dir,
                 m.device(),
             )?;
             let probe = params(args, String::new(), args.seed);
-            crate::cli::check_steering_plan(m.as_ref(), &probe, &req.spec, args.config.as_deref())?;
+            crate::cli::check_steering_plan(m.as_ref(), &probe, &req.spec, args.steer.config.as_deref())?;
             req
         }
         None => Default::default(),
