@@ -486,13 +486,8 @@ pub fn steering_request(
     use crate::steering::{SteeringLimits, SteeringSpec};
     let spec: SteeringSpec = match steering {
         // The HTTP API's parser, so that errors name the field the same way.
-        Some(j) => {
-            let v: serde_json::Value =
-                serde_json::from_str(j).map_err(|e| TillerError::field("steering", format!("not valid JSON: {e}")))?;
-            crate::api::validate::parse_steering(Some(&v))
-                .map_err(|e| TillerError::Other(anyhow::anyhow!("--steering: {}", e.message)))?
-                .unwrap_or_default()
-        }
+        Some(j) => crate::util::json::parse_slice(j.as_bytes())
+            .map_err(|e| TillerError::Other(anyhow::anyhow!("--steering: {}", e.message)))?,
         None => SteeringSpec::None,
     };
     spec.validate(&SteeringLimits::unlimited()).map_err(|(f, m)| TillerError::field(f, m))?;
@@ -505,7 +500,8 @@ pub fn steering_request(
             let v: serde_json::Value = serde_json::from_str(j)
                 .or_else(|_| serde_json::from_str(&format!("\"{j}\"")))
                 .map_err(|e| TillerError::field("reward", e.to_string()))?;
-            let spec = RewardSpec::parse(&v).map_err(to_err)?;
+            let spec: RewardSpec = crate::util::json::parse_value(v)
+                .map_err(|e| TillerError::Other(anyhow::anyhow!("--reward: {}", e.message)))?;
             let cfg = Config::load(config)?;
             let configs = crate::reward::registry::with_shipped(&cfg.rewards, models_dir);
             Some(RewardRegistry::new(&configs, device)?.build(&spec).map_err(to_err)?)

@@ -62,7 +62,7 @@ pub struct AdaptersConfig {
     /// `auto` (merged and cached; a new combination's request of ≤ 2 steps runs unmerged),
     /// `always` or `never`.
     pub merge: crate::adapters::registry::MergePolicy,
-    /// Skip adapter keys that match no module of the model (logged) instead of answering 422.
+    /// Skip adapter keys that match no module of the model (logged) instead of answering 400.
     pub lenient: bool,
 }
 
@@ -168,7 +168,7 @@ pub struct Limits {
     /// generators.
     pub max_reno_steps: usize,
     /// Peak memory the running jobs may use together, by their estimates, in MiB; a request
-    /// that would need more on its own is refused (422). Unset = half the machine's memory.
+    /// that would need more on its own is refused (400). Unset = half the machine's memory.
     pub memory_budget_mib: Option<u64>,
     /// Jobs that run at once; their denoiser calls share batched forwards.
     pub max_running_jobs: usize,

@@ -1,5 +1,5 @@
 //! `/v1/adapters` and the `adapters` field of generation requests over HTTP: registration inside
-//! the adapters root only, malformed files as 422 with the reader's message, the admin key,
+//! the adapters root only, malformed files as 400 with the reader's message, the admin key,
 //! and generation with an adapter on the sd15-tiny fixture (merged variants and their cache).
 
 mod adapters_support;
@@ -42,7 +42,7 @@ async fn list_names(s: &TestServer) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_files_are_422_with_the_readers_message() {
+async fn malformed_files_are_400_with_the_readers_message() {
     let root = tempfile::tempdir().unwrap();
     let cases = malformed_cases();
     // Bad files already in the root at start-up are skipped (logged), not fatal.
@@ -54,13 +54,13 @@ async fn malformed_files_are_422_with_the_readers_message() {
         let file = format!("bad_{i}.safetensors");
         std::fs::write(root.path().join(&file), bytes).unwrap();
         let (st, body) = register(&s, json!({"path": file})).await;
-        assert_error(st, &body, 422, Some("path"));
+        assert_error(st, &body, 400, Some("path"));
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains(words), "{case}: message `{msg}` lacks `{words}`");
         assert!(msg.contains(&file), "{case}: message names the file: {msg}");
     }
     let (st, body) = register(&s, json!({"path": "startup_bad.safetensors"})).await;
-    assert_error(st, &body, 422, Some("path"));
+    assert_error(st, &body, 400, Some("path"));
     assert_eq!(list_names(&s).await, ["good"], "nothing malformed was registered");
 }
 
@@ -82,7 +82,7 @@ async fn paths_must_resolve_inside_the_root() {
     ];
     for (path, words) in escapes {
         let (st, body) = register(&s, json!({"path": path})).await;
-        assert_error(st, &body, 422, Some("path"));
+        assert_error(st, &body, 400, Some("path"));
         let msg = body["error"]["message"].as_str().unwrap();
         assert!(msg.contains(words), "{path}: `{msg}` lacks `{words}`");
     }
@@ -93,7 +93,7 @@ async fn paths_must_resolve_inside_the_root() {
         std::os::unix::fs::symlink(outside.path(), root.path().join("linkdir")).unwrap();
         for path in ["link.safetensors", "linkdir/evil.safetensors", "linkdir"] {
             let (st, body) = register(&s, json!({"path": path})).await;
-            assert_error(st, &body, 422, Some("path"));
+            assert_error(st, &body, 400, Some("path"));
             let msg = body["error"]["message"].as_str().unwrap();
             assert!(msg.contains("outside the adapters root") || msg.contains("holds no"), "{path}: {msg}");
         }
@@ -126,7 +126,7 @@ async fn paths_must_resolve_inside_the_root() {
     assert_eq!(body["name"], "peftdir");
     std::fs::create_dir(root.path().join("emptydir")).unwrap();
     let (st, body) = register(&s, json!({"path": "emptydir"})).await;
-    assert_error(st, &body, 422, Some("path"));
+    assert_error(st, &body, 400, Some("path"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +179,7 @@ async fn register_list_conflict_delete() {
         (json!({"path": "a.safetensors", "paht": 1}), "paht"),
     ] {
         let (st, resp) = register(&s, body.clone()).await;
-        assert_error(st, &resp, 422, Some(param));
+        assert_error(st, &resp, 400, Some(param));
     }
     let (st, _) = send(
         &s,
@@ -193,9 +193,9 @@ async fn register_list_conflict_delete() {
     assert_eq!(st, 405);
 
     // Generation naming a registered adapter passes validation (the mock model takes no
-    // adapters, so the engine refuses it with 422 naming `adapters`).
+    // adapters, so the engine refuses it with 400 naming `adapters`).
     let (st, body) = s.generate(json!({"prompt": "x", "steps": 1, "adapters": [{"name": "c"}]})).await;
-    assert_error(st, &body, 422, Some("adapters"));
+    assert_error(st, &body, 400, Some("adapters"));
     assert!(body["error"]["message"].as_str().unwrap().contains("does not take LoRA adapters"), "{body}");
 
     // DELETE, then the name is unknown everywhere.
@@ -216,17 +216,17 @@ async fn the_adapters_field_is_validated() {
     let s = mock_server(Duration::ZERO, config_with_root(root.path())).await;
     let nine: Vec<Value> = (0..9).map(|i| json!({"name": format!("a{i}")})).collect();
     let cases = [
-        (json!("a"), 422, "adapters"),
-        (json!({"name": "a"}), 422, "adapters"),
-        (json!(["a"]), 422, "adapters[0]"),
-        (json!([{"scale": 1}]), 422, "adapters[0].name"),
-        (json!([{"name": 1}]), 422, "adapters[0].name"),
-        (json!([{"name": "a", "scale": "1"}]), 422, "adapters[0].scale"),
-        (json!([{"name": "a", "weight": 1}]), 422, "adapters[0].weight"),
-        (json!([{"name": "a"}, {"name": "b", "scale": 10.5}]), 422, "adapters[1].scale"),
-        (json!([{"name": "a", "scale": -11}]), 422, "adapters[0].scale"),
-        (json!([{"name": "a"}, {"name": "b"}, {"name": "a", "scale": 0.5}]), 422, "adapters[2].name"),
-        (json!(nine), 422, "adapters"),
+        (json!("a"), 400, "adapters"),
+        (json!({"name": "a"}), 400, "adapters"),
+        (json!(["a"]), 400, "adapters[0]"),
+        (json!([{"scale": 1}]), 400, "adapters[0].name"),
+        (json!([{"name": 1}]), 400, "adapters[0].name"),
+        (json!([{"name": "a", "scale": "1"}]), 400, "adapters[0].scale"),
+        (json!([{"name": "a", "weight": 1}]), 400, "adapters[0].weight"),
+        (json!([{"name": "a"}, {"name": "b", "scale": 10.5}]), 400, "adapters[1].scale"),
+        (json!([{"name": "a", "scale": -11}]), 400, "adapters[0].scale"),
+        (json!([{"name": "a"}, {"name": "b"}, {"name": "a", "scale": 0.5}]), 400, "adapters[2].name"),
+        (json!(nine), 400, "adapters"),
         (json!([{"name": "a"}, {"name": "zzz"}]), 404, "adapters[1].name"),
     ];
     for (adapters, status, param) in cases {
@@ -367,9 +367,9 @@ async fn generation_with_an_adapter_on_the_fixture_model() {
     let max = pixels(&zero).iter().zip(&pixels(&plain)).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(max <= 1, "{max}");
 
-    // An adapter for another family (SDXL's second text encoder) is 422 naming `adapters`.
+    // An adapter for another family (SDXL's second text encoder) is 400 naming `adapters`.
     let (st, body) = s.generate(req(json!([{"name": "xl"}]))).await;
-    assert_error(st, &body, 422, Some("adapters"));
+    assert_error(st, &body, 400, Some("adapters"));
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("text_encoder_2") && msg.contains("another model family"), "{msg}");
     let v: Value = s.get("/v1/adapters/xl").await.json().await.unwrap();

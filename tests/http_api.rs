@@ -101,7 +101,7 @@ async fn init_latents_replay_the_seed() {
     // Wrong shape names the field.
     req["size"] = json!("32x32");
     let (status, body) = s.generate(req).await;
-    assert_error(status, &body, 422, Some("init_latents"));
+    assert_error(status, &body, 400, Some("init_latents"));
     assert!(body["error"]["message"].as_str().unwrap().contains("expected [1, 4, 4, 4]"), "{body}");
 }
 
@@ -116,47 +116,47 @@ async fn every_invalid_field_is_a_4xx_naming_it() {
     cfg.limits.max_pixels = Some(128 * 64);
     let s = mock_server(Duration::ZERO, cfg).await;
     let cases: Vec<(serde_json::Value, u16, &str)> = vec![
-        (json!({}), 422, "prompt"),
-        (json!({"prompt": 3}), 422, "prompt"),
-        (json!({"prompt": "this prompt is too long"}), 422, "prompt"),
-        (json!({"prompt": "p", "negative_prompt": "far too long negative"}), 422, "negative_prompt"),
-        (json!({"prompt": "p", "negative_prompt": ["x"]}), 422, "negative_prompt"),
-        (json!({"prompt": "p", "n": 0}), 422, "n"),
-        (json!({"prompt": "p", "n": 4}), 422, "n"),
-        (json!({"prompt": "p", "n": -1}), 422, "n"),
-        (json!({"prompt": "p", "n": 1.5}), 422, "n"),
-        (json!({"prompt": "p", "n": "2"}), 422, "n"),
-        (json!({"prompt": "p", "size": "big"}), 422, "size"),
-        (json!({"prompt": "p", "size": "64"}), 422, "size"),
-        (json!({"prompt": "p", "size": "60x64"}), 422, "size"),
-        (json!({"prompt": "p", "size": "0x64"}), 422, "size"),
-        (json!({"prompt": "p", "size": "256x64"}), 422, "size"),
-        (json!({"prompt": "p", "size": "128x128"}), 422, "size"),
-        (json!({"prompt": "p", "size": 64}), 422, "size"),
-        (json!({"prompt": "p", "response_format": "url"}), 422, "response_format"),
-        (json!({"prompt": "p", "response_format": "jpeg"}), 422, "response_format"),
-        (json!({"prompt": "p", "output_format": "webp"}), 422, "output_format"),
-        (json!({"prompt": "p", "model": 7}), 422, "model"),
-        (json!({"prompt": "p", "user": 7}), 422, "user"),
-        (json!({"prompt": "p", "steps": 0}), 422, "steps"),
-        (json!({"prompt": "p", "steps": 21}), 422, "steps"),
-        (json!({"prompt": "p", "steps": "ten"}), 422, "steps"),
+        (json!({}), 400, "prompt"),
+        (json!({"prompt": 3}), 400, "prompt"),
+        (json!({"prompt": "this prompt is too long"}), 400, "prompt"),
+        (json!({"prompt": "p", "negative_prompt": "far too long negative"}), 400, "negative_prompt"),
+        (json!({"prompt": "p", "negative_prompt": ["x"]}), 400, "negative_prompt"),
+        (json!({"prompt": "p", "n": 0}), 400, "n"),
+        (json!({"prompt": "p", "n": 4}), 400, "n"),
+        (json!({"prompt": "p", "n": -1}), 400, "n"),
+        (json!({"prompt": "p", "n": 1.5}), 400, "n"),
+        (json!({"prompt": "p", "n": "2"}), 400, "n"),
+        (json!({"prompt": "p", "size": "big"}), 400, "size"),
+        (json!({"prompt": "p", "size": "64"}), 400, "size"),
+        (json!({"prompt": "p", "size": "60x64"}), 400, "size"),
+        (json!({"prompt": "p", "size": "0x64"}), 400, "size"),
+        (json!({"prompt": "p", "size": "256x64"}), 400, "size"),
+        (json!({"prompt": "p", "size": "128x128"}), 400, "size"),
+        (json!({"prompt": "p", "size": 64}), 400, "size"),
+        (json!({"prompt": "p", "response_format": "url"}), 400, "response_format"),
+        (json!({"prompt": "p", "response_format": "jpeg"}), 400, "response_format"),
+        (json!({"prompt": "p", "output_format": "webp"}), 400, "output_format"),
+        (json!({"prompt": "p", "model": 7}), 400, "model"),
+        (json!({"prompt": "p", "user": 7}), 400, "user"),
+        (json!({"prompt": "p", "steps": 0}), 400, "steps"),
+        (json!({"prompt": "p", "steps": 21}), 400, "steps"),
+        (json!({"prompt": "p", "steps": "ten"}), 400, "steps"),
         (json!({"prompt": "p", "scheduler": "lcm", "steps": 20, "guidance_scale": 1.0}), 200, ""),
-        (json!({"prompt": "p", "guidance_scale": -1}), 422, "guidance_scale"),
-        (json!({"prompt": "p", "guidance_scale": 1000}), 422, "guidance_scale"),
-        (json!({"prompt": "p", "guidance_scale": "high"}), 422, "guidance_scale"),
-        (json!({"prompt": "p", "scheduler": "dpm++"}), 422, "scheduler"),
-        (json!({"prompt": "p", "scheduler": 1}), 422, "scheduler"),
-        (json!({"prompt": "p", "eta": 1.5}), 422, "eta"),
-        (json!({"prompt": "p", "eta": -0.1}), 422, "eta"),
-        (json!({"prompt": "p", "eta": true}), 422, "eta"),
-        (json!({"prompt": "p", "seed": -5}), 422, "seed"),
-        (json!({"prompt": "p", "seed": 1.5}), 422, "seed"),
-        (json!({"prompt": "p", "seed": "42"}), 422, "seed"),
-        (json!({"prompt": "p", "init_latents": "!!!not base64!!!"}), 422, "init_latents"),
-        (json!({"prompt": "p", "init_latents": "aGVsbG8="}), 422, "init_latents"),
-        (json!({"prompt": "p", "init_latents": 5}), 422, "init_latents"),
-        (json!({"prompt": "p", "guidance": 5}), 422, "guidance"),
+        (json!({"prompt": "p", "guidance_scale": -1}), 400, "guidance_scale"),
+        (json!({"prompt": "p", "guidance_scale": 1000}), 400, "guidance_scale"),
+        (json!({"prompt": "p", "guidance_scale": "high"}), 400, "guidance_scale"),
+        (json!({"prompt": "p", "scheduler": "dpm++"}), 400, "scheduler"),
+        (json!({"prompt": "p", "scheduler": 1}), 400, "scheduler"),
+        (json!({"prompt": "p", "eta": 1.5}), 400, "eta"),
+        (json!({"prompt": "p", "eta": -0.1}), 400, "eta"),
+        (json!({"prompt": "p", "eta": true}), 400, "eta"),
+        (json!({"prompt": "p", "seed": -5}), 400, "seed"),
+        (json!({"prompt": "p", "seed": 1.5}), 400, "seed"),
+        (json!({"prompt": "p", "seed": "42"}), 400, "seed"),
+        (json!({"prompt": "p", "init_latents": "!!!not base64!!!"}), 400, "init_latents"),
+        (json!({"prompt": "p", "init_latents": "aGVsbG8="}), 400, "init_latents"),
+        (json!({"prompt": "p", "init_latents": 5}), 400, "init_latents"),
+        (json!({"prompt": "p", "guidance": 5}), 400, "guidance"),
     ];
     for (body, want, param) in cases {
         let (status, resp) = s.generate(body.clone()).await;
@@ -189,7 +189,7 @@ async fn malformed_bodies_get_json_errors() {
     assert_error(st, &body, 400, None);
     assert_eq!(body["error"]["code"], "invalid_json");
     let (st, body) = send(b"[1, 2]".to_vec(), "application/json").await;
-    assert_error(st, &body, 422, None);
+    assert_error(st, &body, 400, None);
     // The body must be declared JSON: curl's -d default (form encoding) is 415, naming the fix.
     let (st, body) = send(br#"{"prompt": "p", "steps": 1}"#.to_vec(), "application/x-www-form-urlencoded").await;
     assert_error(st, &body, 415, None);
@@ -397,14 +397,14 @@ async fn metrics_expose_requests_jobs_and_queue() {
     let (st, _) = s.generate(json!({"prompt": "p", "steps": 2, "size": "16x16"})).await;
     assert_eq!(st, 200);
     let (st, _) = s.generate(json!({"prompt": "p", "steps": 0})).await;
-    assert_eq!(st, 422);
+    assert_eq!(st, 400);
     let r = s.get("/metrics").await;
     assert_eq!(r.status().as_u16(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = r.text().await.unwrap();
     for needle in [
         "tiller_http_requests_total{route=\"/v1/images/generations\",method=\"POST\",status=\"200\",model=\"mock\"}",
-        "tiller_http_requests_total{route=\"/v1/images/generations\",method=\"POST\",status=\"422\",model=\"mock\"}",
+        "tiller_http_requests_total{route=\"/v1/images/generations\",method=\"POST\",status=\"400\",model=\"mock\"}",
         "tiller_http_request_duration_seconds_bucket{route=\"/v1/images/generations\"",
         "tiller_denoiser_evaluations_total{model=\"mock\"}",
         "tiller_jobs_total{model=\"mock\",outcome=\"completed\"}",

@@ -197,7 +197,7 @@ async fn idempotency_keys_return_the_same_job_and_jobs_expire() {
     let b: Value = b.json().await.unwrap();
     assert_eq!(a["id"], b["id"]);
     let c = post(json!({"prompt": "other", "steps": 2, "size": "16x16"}), "k-1").await;
-    assert_eq!(c.status().as_u16(), 422, "same key, different body");
+    assert_eq!(c.status().as_u16(), 400, "same key, different body");
     let d: Value = post(body.clone(), "k-2").await.json().await.unwrap();
     assert_ne!(a["id"], d["id"]);
     assert_eq!(s.engine().stats().submitted, 2);
@@ -226,13 +226,13 @@ async fn idempotency_keys_return_the_same_job_and_jobs_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_beyond_the_memory_budget_or_the_model_size_are_422() {
+async fn requests_beyond_the_memory_budget_or_the_model_size_are_400() {
     let mut cfg = Config::default();
     cfg.limits.memory_budget_mib = Some(20);
     let s = mock_server(Duration::ZERO, cfg).await;
     // The mock model is 64×64 natively: 128×128 is the largest size by default.
     let (st, body) = s.generate(json!({"prompt": "p", "size": "136x136", "steps": 1})).await;
-    assert_error(st, &body, 422, Some("size"));
+    assert_error(st, &body, 400, Some("size"));
     // 64 particles × 10 images at 128×128 do not fit 20 MiB; a retry would not either, and the
     // openai client is told so.
     let r = s
@@ -244,7 +244,7 @@ async fn requests_beyond_the_memory_budget_or_the_model_size_are_422() {
         .await;
     assert_eq!(r.headers()["x-should-retry"], "false");
     let (st, body): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
-    assert_error(st, &body, 422, Some("steering"));
+    assert_error(st, &body, 400, Some("steering"));
     assert_eq!(body["error"]["code"], "insufficient_memory");
     let (st, _) = s.generate(json!({"prompt": "p", "size": "64x64", "steps": 1})).await;
     assert_eq!(st, 200);
@@ -266,14 +266,14 @@ async fn request_edges_found_by_attacking_the_api() {
     }
     // seed + n − 1 must not wrap around.
     let (st, body) = s.generate(json!({"prompt": "p", "seed": u64::MAX, "n": 2, "steps": 1})).await;
-    assert_error(st, &body, 422, Some("seed"));
+    assert_error(st, &body, 400, Some("seed"));
     let (st, _) = s.generate(json!({"prompt": "p", "seed": u64::MAX, "n": 1, "steps": 1, "size": "16x16"})).await;
     assert_eq!(st, 200);
     // n up to 10, as OpenAI allows.
     let (st, body) = s.generate(json!({"prompt": "p", "n": 10, "steps": 1, "size": "16x16"})).await;
     assert_eq!(st, 200, "{body}");
     let (st, body) = s.generate(json!({"prompt": "p", "n": 11, "steps": 1})).await;
-    assert_error(st, &body, 422, Some("n"));
+    assert_error(st, &body, 400, Some("n"));
     // An oversized adapter registration is 413, not 400.
     let big = json!({"path": "x".repeat(100_000)});
     let r = s.post_json("/v1/adapters", &big).await;
@@ -284,11 +284,11 @@ async fn request_edges_found_by_attacking_the_api() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "uri_too_long");
     let (st, body) = s.generate(json!({"prompt": "p", "partial_images": 4})).await;
-    assert_error(st, &body, 422, Some("partial_images"));
+    assert_error(st, &body, 400, Some("partial_images"));
     // A reward weight that is finite in f64 but would overflow the f32 scores.
     let (st, body) =
         s.generate(json!({"prompt": "p", "steps": 1, "reward": [{"name": "brightness", "weight": 1e300}]})).await;
-    assert_error(st, &body, 422, Some("reward[0].weight"));
+    assert_error(st, &body, 400, Some("reward[0].weight"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,5 +78,5 @@ async fn fixture_models_generate_over_http() {
 
     // LCM steps above original_inference_steps are refused before queueing.
     let (st, e) = s.generate(json!({"prompt": "x", "model": "lcm-tiny", "steps": 60})).await;
-    assert_error(st, &e, 422, Some("steps"));
+    assert_error(st, &e, 400, Some("steps"));
 }

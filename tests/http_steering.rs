@@ -1,5 +1,5 @@
 //! Steering end to end over HTTP: the real loader on the analytic `models/toy-gmm` (and the
-//! sd15-tiny fixture), every strategy with its metadata and trace, replay, the 422s of the
+//! sd15-tiny fixture), every strategy with its metadata and trace, replay, the 400s of the
 //! steering/reward fields, `GET /v1/rewards`, and an `http` reward against a scorer started here.
 
 mod http_support;
@@ -327,7 +327,7 @@ fn gmm_init_latents() -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_steering_and_reward_fields_are_422_naming_the_field() {
+async fn invalid_steering_and_reward_fields_are_400_naming_the_field() {
     let mut config = Config::default();
     config.limits.max_particles = 16;
     let s = gmm_server(config).await;
@@ -358,7 +358,7 @@ async fn invalid_steering_and_reward_fields_are_422_naming_the_field() {
         (json!({"steering": {"method": "fk", "potential": "dif"}, "reward": "brightness"}), "steering.potential", &[]),
         (
             json!({"steering": {"method": "fk", "resample": {"evry": 5}}, "reward": "brightness"}),
-            "steering.resample",
+            "steering.resample.evry",
             &["evry", "every"],
         ),
         (json!({"steering": {"method": "reno", "lr": "fast"}, "reward": "brightness"}), "steering.lr", &[]),
@@ -422,7 +422,7 @@ async fn invalid_steering_and_reward_fields_are_422_naming_the_field() {
     ];
     for (extra, param, words) in cases {
         let (st, body) = s.generate(base(extra.clone())).await;
-        assert_error(st, &body, 422, Some(param));
+        assert_error(st, &body, 400, Some(param));
         let msg = body["error"]["message"].as_str().unwrap();
         for w in words {
             assert!(msg.contains(w), "{extra}: message {msg:?} should mention {w:?}");
@@ -545,7 +545,7 @@ async fn http_reward_scores_fails_and_times_out_cleanly() {
     assert_eq!(img["tiller"]["steering"]["reward_evals"], 9);
     // ReNO cannot use it.
     let (st, body) = s.generate(json!({"prompt": "p", "steering": {"method": "reno"}, "reward": "scorer"})).await;
-    assert_error(st, &body, 422, Some("reward"));
+    assert_error(st, &body, 400, Some("reward"));
 
     // A scorer answering 500: 502 naming the reward.
     let (st, body) = s.generate(json!({"prompt": "p", "seed": 2, "steps": 4, "reward": "broken"})).await;

@@ -223,11 +223,9 @@ fn spec_parses_the_three_forms() {
     assert_eq!(terms.len(), 2);
     assert_eq!(terms[1].weight(), 0.1);
     assert_eq!(RewardTerm::named("x").weight(), 1.0);
-    // The field-naming parser agrees with serde on valid input, and both round-trip.
+    // Every form round-trips.
     for text in [r#""brightness""#, r#"{"name": "color", "target": [1.0, 0.0, 0.0]}"#, sum_json] {
-        let value: serde_json::Value = serde_json::from_str(text).unwrap();
-        let parsed = RewardSpec::parse(&value).unwrap();
-        assert_eq!(parsed, serde_json::from_value::<RewardSpec>(value).unwrap());
+        let parsed: RewardSpec = serde_json::from_str(text).unwrap();
         let back = serde_json::to_string(&parsed).unwrap();
         assert_eq!(serde_json::from_str::<RewardSpec>(&back).unwrap(), parsed);
     }
@@ -237,13 +235,22 @@ fn spec_parses_the_three_forms() {
 
 #[test]
 fn spec_errors_name_the_field() {
-    let parse = |text: &str| RewardSpec::parse(&serde_json::from_str(text).unwrap());
-    assert_eq!(invalid_field(parse("3")), "reward");
-    assert_eq!(invalid_field(parse(r#"{"name": "color", "taget": [1, 0, 0]}"#)), "reward.taget");
-    assert_eq!(invalid_field(parse(r#"{"weight": 2}"#)), "reward.name");
-    assert_eq!(invalid_field(parse(r#"[{"name": "a"}, {"name": "b", "weight": "x"}]"#)), "reward[1].weight");
-    assert_eq!(invalid_field(parse(r#"[{"name": "color", "target": [1, 0]}]"#)), "reward[0].target");
-    assert_eq!(invalid_field(parse(r#"["brightness"]"#)), "reward[0]");
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        reward: RewardSpec,
+    }
+    // The request parser's path: field errors carry the path from the body's root.
+    let parse = |text: &str| {
+        tiller::util::json::parse_slice::<Body>(format!(r#"{{"reward": {text}}}"#).as_bytes()).map_err(|e| e.field)
+    };
+    assert_eq!(parse("3").unwrap_err(), "reward");
+    assert_eq!(parse(r#"{"name": "color", "taget": [1, 0, 0]}"#).unwrap_err(), "reward.taget");
+    assert_eq!(parse(r#"{"weight": 2}"#).unwrap_err(), "reward.name");
+    assert_eq!(parse(r#"[{"name": "a"}, {"name": "b", "weight": "x"}]"#).unwrap_err(), "reward[1].weight");
+    assert_eq!(parse(r#"[{"name": "color", "target": [1, 0]}]"#).unwrap_err(), "reward[0].target");
+    assert_eq!(parse(r#"["brightness"]"#).unwrap_err(), "reward[0]");
+    assert!(parse(r#"[{"name": "a"}, {"name": "b", "weight": 2}]"#).is_ok());
 
     let registry = RewardRegistry::builtin();
     let build = |spec: RewardSpec| registry.build(&spec).map(|r| r.name().to_string());

@@ -2,7 +2,7 @@
 
 Each client sends generation requests in a loop (a mix of plain, steered, multi-image and
 largest-allowed requests on the default model). Every request must be answered: 200, 429 with a
-Retry-After header (overload), 422 `insufficient_memory` (refused by admission) or, for the
+Retry-After header (overload), 400 `insufficient_memory` (refused by admission) or, for the
 largest requests that the client gives up on, a cancelled job. Any 5xx other than a 504 timeout,
 or a connection error, is a lost request. The server's RSS is sampled throughout and must stay
 under --max-rss-mib. Prints a summary and exits non-zero on any loss.
@@ -75,7 +75,7 @@ def client(seed):
             if e.code == 429:
                 count("busy" if e.headers.get("Retry-After") else "busy_without_retry_after")
                 time.sleep(min(float(e.headers.get("Retry-After") or 1), 2))
-            elif e.code == 422 and b"insufficient_memory" in payload:
+            elif e.code == 400 and b"insufficient_memory" in payload:
                 count("refused_memory")
             elif e.code == 504:
                 count("timeout")

@@ -5,7 +5,7 @@ Checks, against a running server at $TILLER_URL (default http://127.0.0.1:8080):
   * images.generate(stream=True, partial_images=2) yields partial_image events (previews) and
     one completed event whose PNG is byte-identical to the non-streaming answer for the seed;
   * a failure after the stream started reaches the client as an APIError;
-  * a 422 is an UnprocessableEntityError naming the field.
+  * an invalid field is a BadRequestError (400) naming the field.
 Exits non-zero on the first failed check.
 """
 
@@ -55,8 +55,8 @@ check(len(done) == 2 and done[0] == png, "n = 2 streams two completed images, th
 try:
     client.images.generate(**common, extra_body={"steps": 0})
     check(False, "steps = 0 is refused")
-except openai.UnprocessableEntityError as e:
-    check(e.body.get("param") == "steps", f"422 names the field (`{e.body.get('param')}`)")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "steps", f"400 names the field (`{e.body.get('param')}`)")
 
 # A job that fails after the stream started reaches the client as an APIError, not a silent
 # end: `unreachable` is an `http` reward (configured by run.sh) whose scorer does not answer,

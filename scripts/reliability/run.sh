@@ -65,7 +65,7 @@ start_server client ""
 
 # Schemathesis: every operation of the committed document, schema-valid and schema-invalid
 # inputs. Valid generations must finish quickly, so this server's limits are small (a request
-# over them is a documented 422, not a failure); the load test below uses the default limits.
+# over them is a documented 400, not a failure); the load test below uses the default limits.
 echo "== schemathesis"
 start_server schema "max_steps = 4
 max_n = 2

@@ -22,13 +22,13 @@ pub use lora::{Component, LoraFile, LoraFormat};
 /// Why an adapter cannot be used.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum AdapterError {
-    /// The file is not a well-formed safetensors LoRA (422).
+    /// The file is not a well-formed safetensors LoRA (400).
     #[error("{0}")]
     Invalid(String),
-    /// Keys that match no module, or shapes that do not fit (422).
+    /// Keys that match no module, or shapes that do not fit (400).
     #[error("adapter does not fit the model: {0}")]
     Mismatch(String),
-    /// Made for another model family (422).
+    /// Made for another model family (400).
     #[error("{0}")]
     WrongFamily(String),
     /// No adapter of that name (404).

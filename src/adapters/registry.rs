@@ -134,7 +134,7 @@ impl AdapterRegistry {
     }
 
     /// Register the file at `path` (inside the root) as `name` (default: its file stem).
-    /// Parse errors are returned (422); an existing name is replaced only with `replace`.
+    /// Parse errors are returned (400); an existing name is replaced only with `replace`.
     pub fn register(&self, name: Option<&str>, path: &str, replace: bool) -> Result<AdapterSummary, AdapterError> {
         let real = self.confine(path)?;
         let name = match name {

@@ -14,7 +14,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::Value;
 
 use super::error::{ApiError, ErrorResponse};
 use super::types::{AdapterInfo, AdapterList, RegisterAdapterRequest};
@@ -143,12 +142,11 @@ pub async fn get_adapter(
     responses(
         (status = 201, description = "Registered (or replaced, with `replace: true`)", body = AdapterInfo,
             headers(("Location" = String, description = "/v1/adapters/{name}"))),
-        (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong admin key (`server.admin_key`; the API key when no admin key is set)", body = ErrorResponse),
         (status = 409, description = "An adapter of that name exists (send `replace: true`, or DELETE it first)", body = ErrorResponse),
         (status = 413, description = "Body larger than 64 KiB (it names a file; it does not carry one)", body = ErrorResponse),
         (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
-        (status = 422, description = "Bad field, a path outside the adapters root (`..`, symlinks leading out), or a malformed file; `error.param` names the field and the message the problem", body = ErrorResponse),
+        (status = 400, description = "Malformed JSON, a bad field, a path outside the adapters root (`..`, symlinks leading out), or a malformed file; `error.param` names the field and the message the problem", body = ErrorResponse),
         (status = 500, description = "The file could not be read", body = ErrorResponse),
         (status = 503, description = "No adapters root: `adapters.root` does not exist", body = ErrorResponse),
     ),
@@ -170,45 +168,9 @@ pub async fn register_adapter(State(state): State<AppState>, body: Result<Bytes,
 /// Largest `POST /v1/adapters` body: it names a file, it does not carry one.
 pub const ADAPTER_BODY_LIMIT: usize = 64 * 1024;
 
-/// Parse a `POST /v1/adapters` body; errors name the field.
+/// Parse a `POST /v1/adapters` body; errors name the field (400).
 pub fn parse_register(bytes: &[u8]) -> Result<RegisterAdapterRequest, ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("The request body is not valid JSON: {e}"))
-    })?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_type",
-            "The request body must be a JSON object like {\"path\": \"my-lora.safetensors\"}",
-        ));
-    };
-    if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "path" | "name" | "replace")) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_parameter",
-            format!("Unrecognized request argument supplied: `{k}`; accepted fields: path, name, replace"),
-        )
-        .with_param(k));
-    }
-    let string = |k: &str| match obj.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::wrong_type(k, "a string")),
-    };
-    let path = string("path")?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "missing_required_parameter",
-            "`path` is required: the LoRA file, relative to the adapters root",
-        )
-        .with_param("path")
-    })?;
-    let replace = match obj.get("replace") {
-        None | Some(Value::Null) => None,
-        Some(Value::Bool(b)) => Some(*b),
-        Some(_) => return Err(ApiError::wrong_type("replace", "a boolean")),
-    };
-    Ok(RegisterAdapterRequest { path, name: string("name")?, replace })
+    Ok(crate::util::json::parse_slice(bytes)?)
 }
 
 /// The name an adapter gets when the request gives none: the file's stem, or the directory's

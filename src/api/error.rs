@@ -43,15 +43,10 @@ impl ApiError {
         Self { status, message: message.into(), param: None, code, retry_after: None, no_retry: false }
     }
 
-    /// 422 naming the field.
+    /// 400 naming the field (OpenAI answers every invalid parameter with 400
+    /// `invalid_request_error`, which its client raises as `BadRequestError`).
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message).with_param(param)
-    }
-
-    /// 422 for a value of the wrong JSON type.
-    pub fn wrong_type(param: &str, expected: &str) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_type", format!("`{param}` must be {expected}"))
-            .with_param(param)
+        Self::new(StatusCode::BAD_REQUEST, "invalid_value", message).with_param(param)
     }
 
     pub fn model_not_found(name: &str) -> Self {
@@ -63,7 +58,7 @@ impl ApiError {
         .with_param("model")
     }
 
-    /// An adapter problem: 404 for an unknown name, 500 for filesystem trouble, else 422; all
+    /// An adapter problem: 404 for an unknown name, 500 for filesystem trouble, else 400; all
     /// naming `param`.
     pub fn adapter(e: crate::adapters::AdapterError, param: &str) -> Self {
         use crate::adapters::AdapterError as E;
@@ -107,6 +102,22 @@ impl ApiError {
                 param: self.param.clone(),
                 code: Some(self.code.to_string()),
             },
+        }
+    }
+}
+
+/// The one conversion of a parse error into the API's answer: 400, `param` = the field path.
+impl From<crate::util::json::FieldError> for ApiError {
+    fn from(e: crate::util::json::FieldError) -> Self {
+        let message = match e.kind {
+            crate::util::json::FieldErrorKind::Syntax => format!("The request body is {}", e.message),
+            _ => e.message,
+        };
+        let err = Self::new(StatusCode::BAD_REQUEST, e.kind.code(), message);
+        if e.field.is_empty() {
+            err
+        } else {
+            err.with_param(&e.field)
         }
     }
 }

@@ -30,7 +30,7 @@ pub(crate) fn submit_error(e: SubmitError, engine: &crate::engine::Engine) -> Ap
         )
         .with_retry_after(retry_after_secs),
         SubmitError::TooLarge { needed_mib, budget_mib, field } => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::BAD_REQUEST,
             "insufficient_memory",
             format!(
                 "This request would need about {needed_mib} MiB, more than the server's memory budget of \
@@ -80,7 +80,7 @@ pub(crate) struct Prepared {
     pub stream_progress: bool,
 }
 
-/// Parse and validate a generation body (400/413/422/404 as the fields say); `label` gets the
+/// Parse and validate a generation body (400/413/404 as the fields say); `label` gets the
 /// model's name as soon as it is known (the `model` label of request metrics).
 pub(crate) fn prepare(
     state: &AppState,
@@ -137,12 +137,11 @@ pub(crate) fn body_error(rej: BytesRejection, limit: usize) -> ApiError {
             a `text/event-stream` of `image_generation.partial_image` and `image_generation.completed` events \
             (an `error` event if the job fails after the stream started)", body = ImagesResponse,
             content((ImagesResponse = "application/json"), (SseEvent = "text/event-stream"))),
-        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 400, description = "Malformed JSON, or an invalid, unknown or missing field: `error.param` names its path (`steering.particles`, `adapters[0].scale`; `adapters` for an adapter that does not fit the model), `error.code` says what is wrong (`invalid_type`, `invalid_value`, `unknown_parameter`, `missing_required_parameter`, `insufficient_memory` when the request would exceed `limits.memory_budget_mib`)", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key (when `server.api_key` is set)", body = ErrorResponse),
         (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
         (status = 413, description = "Body larger than `limits.max_body_bytes`", body = ErrorResponse),
         (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
-        (status = 422, description = "Invalid field; `error.param` names it (`adapters` for an adapter that does not fit the model; code `insufficient_memory` when the request would exceed `limits.memory_budget_mib`)", body = ErrorResponse),
         (status = 429, description = "Queue full; see the Retry-After header", body = ErrorResponse,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Internal error", body = ErrorResponse),

@@ -4,7 +4,7 @@
 //!
 //! Ids are unguessable. A finished job stays readable for `jobs.ttl_secs`, then it is gone
 //! (404). `Idempotency-Key` on POST returns the job first created with that key and the same
-//! body (422 for the same key with another body); keys are scoped by the caller's API key.
+//! body (400 for the same key with another body); keys are scoped by the caller's API key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -153,12 +153,11 @@ fn fnv(bytes: &[u8]) -> u64 {
         (status = 202, description = "Accepted; poll `GET /v1/jobs/{id}` or follow `events_url`", body = JobInfo,
             headers(("Location" = String, description = "The job's URL"))),
         (status = 200, description = "An earlier job with the same Idempotency-Key and body", body = JobInfo),
-        (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorResponse),
+        (status = 400, description = "Malformed JSON, an invalid, unknown or missing field (`error.param` names its path), a malformed Idempotency-Key, or one reused with another body", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
         (status = 413, description = "Body larger than `limits.max_body_bytes`", body = ErrorResponse),
         (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
-        (status = 422, description = "Invalid field (`error.param` names it), or an Idempotency-Key reused with another body", body = ErrorResponse),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorResponse),
         (status = 503, description = "Models not loaded yet, or shutting down", body = ErrorResponse),
     ),

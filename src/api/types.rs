@@ -9,7 +9,7 @@ use crate::steering::{PhaseTimings, SteeringSpec, TraceEvent};
 
 /// `POST /v1/images/generations` request: the OpenAI Images API fields plus tiller extensions.
 ///
-/// Fields set to `null` count as absent. Unknown fields are rejected (422) so that typos do not
+/// Fields set to `null` count as absent. Unknown fields are rejected (400) so that typos do not
 /// pass silently; `user`, `quality` and `style` are accepted for OpenAI compatibility and ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +29,7 @@ pub struct ImageGenerationRequest {
     #[serde(default)]
     #[schema(example = "512x512")]
     pub size: Option<String>,
-    /// Only `b64_json` (the default) is supported; `url` is rejected with 422.
+    /// Only `b64_json` (the default) is supported; `url` is rejected with 400.
     #[serde(default)]
     #[schema(example = "b64_json")]
     pub response_format: Option<String>,
@@ -91,7 +91,7 @@ pub struct ImageGenerationRequest {
     /// tiller: LoRA adapters to apply, at most 8, each named once: names from
     /// `GET /v1/adapters` with a weight `scale` (default 1, finite, |scale| ≤ 10) that multiplies
     /// the adapter's own alpha/rank scaling. An unknown name is 404; an adapter that does not fit
-    /// the model (another model family, keys matching no module) is 422 with `param: "adapters"`.
+    /// the model (another model family, keys matching no module) is 400 with `param: "adapters"`.
     #[serde(default)]
     #[schema(example = json!([{"name": "pixel-art", "scale": 0.8}]))]
     pub adapters: Option<Vec<AdapterRef>>,
@@ -408,6 +408,7 @@ pub struct AdapterInfo {
 
 /// `POST /v1/adapters` request.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"path": "pixel-art.safetensors", "name": "pixel-art"}))]
 pub struct RegisterAdapterRequest {
     /// The LoRA file (or a PEFT/diffusers directory holding `adapter_model.safetensors` or

@@ -1,11 +1,8 @@
-//! Request validation: every field of `POST /v1/images/generations` is checked by type, then
-//! against the configured limits and the model, and rejected with 422 naming the field.
-//!
-//! Parsing works on a `serde_json::Value` rather than a derived `Deserialize`, so that each
-//! type error names its field (serde's messages name only a line and column).
+//! Request validation: the body of `POST /v1/images/generations` is parsed into its typed
+//! struct (errors name the field path), then checked once against the configured limits, the
+//! model and the rewards on offer; every rejection is a 400 naming the field.
 
 use base64::Engine as _;
-use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::types::{AdapterRef, ImageGenerationRequest};
@@ -18,33 +15,6 @@ use crate::reward::{RewardError, RewardRegistry, RewardSpec};
 use crate::sampling::SamplerKind;
 use crate::steering::{SteeringLimits, SteeringRequest, SteeringSpec};
 
-/// Fields the endpoint accepts.
-pub const FIELDS: &[&str] = &[
-    "prompt",
-    "model",
-    "n",
-    "size",
-    "response_format",
-    "output_format",
-    "user",
-    "quality",
-    "style",
-    "negative_prompt",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "eta",
-    "seed",
-    "init_latents",
-    "steering",
-    "reward",
-    "trace",
-    "adapters",
-    "stream",
-    "partial_images",
-    "stream_progress",
-];
-
 /// Most adapters one request may apply.
 pub const MAX_ADAPTERS: usize = 8;
 /// Largest |scale| of an adapter.
@@ -53,127 +23,10 @@ pub const MAX_ADAPTER_SCALE: f64 = 10.0;
 /// Largest guidance scale accepted.
 pub const MAX_GUIDANCE: f64 = 100.0;
 
-/// Parse a JSON body (400 for malformed JSON, 422 for a wrong field type or unknown field).
+/// Parse a JSON body as a generation request: 400 naming the field path for malformed JSON, a
+/// wrong type, an unknown or a missing field.
 pub fn parse_body(bytes: &[u8]) -> Result<ImageGenerationRequest, ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("The request body is not valid JSON: {e}"),
-        )
-    })?;
-    parse_value(value)
-}
-
-/// Type-check a JSON value as an image generation request.
-pub fn parse_value(value: Value) -> Result<ImageGenerationRequest, ApiError> {
-    let Value::Object(obj) = value else {
-        return Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_type",
-            "The request body must be a JSON object",
-        ));
-    };
-    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_parameter",
-            format!("Unrecognized request argument supplied: `{k}`; accepted fields: {}", FIELDS.join(", ")),
-        )
-        .with_param(k));
-    }
-    let prompt = string(&obj, "prompt")?.ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "missing_required_parameter",
-            "`prompt` is required",
-        )
-        .with_param("prompt")
-    })?;
-    let scheduler = match string(&obj, "scheduler")? {
-        None => None,
-        Some(s) => Some(parse_scheduler(&s)?),
-    };
-    Ok(ImageGenerationRequest {
-        prompt,
-        model: string(&obj, "model")?,
-        n: integer(&obj, "n")?.map(|v| v.min(u32::MAX as u64) as u32),
-        size: string(&obj, "size")?,
-        response_format: string(&obj, "response_format")?,
-        output_format: string(&obj, "output_format")?,
-        user: string(&obj, "user")?,
-        quality: string(&obj, "quality")?,
-        style: string(&obj, "style")?,
-        negative_prompt: string(&obj, "negative_prompt")?,
-        steps: integer(&obj, "steps")?.map(|v| v.min(u32::MAX as u64) as u32),
-        guidance_scale: number(&obj, "guidance_scale")?,
-        scheduler,
-        eta: number(&obj, "eta")?,
-        seed: integer(&obj, "seed")?,
-        init_latents: string(&obj, "init_latents")?,
-        steering: parse_steering(obj.get("steering"))?,
-        reward: match obj.get("reward") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(RewardSpec::parse(v).map_err(reward_error)?),
-        },
-        trace: boolean(&obj, "trace")?,
-        adapters: parse_adapters(obj.get("adapters"))?,
-        stream: boolean(&obj, "stream")?,
-        partial_images: integer(&obj, "partial_images")?.map(|v| v.min(u32::MAX as u64) as u32),
-        stream_progress: boolean(&obj, "stream_progress")?,
-    })
-}
-
-/// Type-check the `adapters` field; errors name the entry (`adapters[1].scale`).
-pub fn parse_adapters(v: Option<&Value>) -> Result<Option<Vec<AdapterRef>>, ApiError> {
-    let list = match v {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Array(a)) => a,
-        Some(_) => return Err(ApiError::wrong_type("adapters", "a list of {\"name\": ..., \"scale\": ...} objects")),
-    };
-    if list.len() > MAX_ADAPTERS {
-        return Err(ApiError::invalid(
-            "adapters",
-            format!("`adapters` lists {} adapters; at most {MAX_ADAPTERS} may be applied at once", list.len()),
-        ));
-    }
-    let mut out = Vec::with_capacity(list.len());
-    for (i, entry) in list.iter().enumerate() {
-        let at = format!("adapters[{i}]");
-        let Value::Object(obj) = entry else {
-            return Err(ApiError::wrong_type(&at, "an object {\"name\": ..., \"scale\": ...}"));
-        };
-        if let Some(k) = obj.keys().find(|k| !matches!(k.as_str(), "name" | "scale")) {
-            let field = format!("{at}.{k}");
-            return Err(ApiError::new(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown_parameter",
-                format!("Unrecognized adapter argument `{field}`; an adapter takes `name` and `scale`"),
-            )
-            .with_param(&field));
-        }
-        let name_field = format!("{at}.name");
-        let name = match obj.get("name") {
-            Some(Value::String(s)) => s.clone(),
-            None | Some(Value::Null) => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                    "missing_required_parameter",
-                    format!("`{name_field}` is required"),
-                )
-                .with_param(&name_field))
-            }
-            Some(_) => return Err(ApiError::wrong_type(&name_field, "a string")),
-        };
-        let scale_field = format!("{at}.scale");
-        let scale = match obj.get("scale") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(_) => return Err(ApiError::wrong_type(&scale_field, "a number")),
-        };
-        out.push(AdapterRef { name, scale });
-    }
-    Ok(Some(out))
+    Ok(crate::util::json::parse_slice(bytes)?)
 }
 
 /// Check the adapters' scales and names and look them up (unknown names are 404).
@@ -207,102 +60,11 @@ pub fn check_adapters(refs: &[AdapterRef], registry: &AdapterRegistry) -> Result
     Ok(set)
 }
 
-/// Type-check the `steering` field; errors name the offending key (`steering.particles`).
-pub fn parse_steering(v: Option<&Value>) -> Result<Option<SteeringSpec>, ApiError> {
-    let v = match v {
-        None | Some(Value::Null) => return Ok(None),
-        Some(v) => v,
-    };
-    let Value::Object(obj) = v else {
-        return Err(ApiError::wrong_type("steering", "an object with a `method` field"));
-    };
-    const METHODS: &str = "none, best_of_n, fk, svdd, reno";
-    match obj.get("method") {
-        Some(Value::String(m)) if METHODS.split(", ").any(|x| x == m) => {}
-        Some(Value::String(m)) => {
-            return Err(ApiError::invalid(
-                "steering.method",
-                format!("`steering.method`: unknown steering method `{m}`; expected one of: {METHODS}"),
-            ))
-        }
-        _ => {
-            return Err(ApiError::invalid(
-                "steering.method",
-                format!("`steering.method` is required: one of {METHODS}"),
-            ))
-        }
-    }
-    // serde ignores every other key of the unit variant `none`; a typo must not pass silently.
-    if obj["method"] == "none" {
-        if let Some(k) = obj.keys().find(|k| *k != "method") {
-            let field = format!("steering.{k}");
-            return Err(ApiError::invalid(&field, format!("`{field}`: method `none` takes no parameters")));
-        }
-    }
-    serde_json::from_value(v.clone())
-        .map_err(|e| {
-            // serde names an unknown key, but not a mistyped or nested one: blame the key that
-            // fails on its own.
-            let culprit = obj.iter().filter(|(k, _)| *k != "method").find(|(k, val)| {
-                let one =
-                    Map::from_iter([("method".to_string(), obj["method"].clone()), (k.to_string(), (*val).clone())]);
-                serde_json::from_value::<SteeringSpec>(Value::Object(one)).is_err()
-            });
-            let field = culprit.map(|(k, _)| format!("steering.{k}")).unwrap_or_else(|| "steering".into());
-            ApiError::invalid(&field, format!("`{field}`: {e}"))
-        })
-        .map(Some)
-}
-
 fn reward_error(e: RewardError) -> ApiError {
     match e {
         RewardError::Invalid { field, message } => ApiError::invalid(&field, message),
         other => ApiError::invalid("reward", other.to_string()),
     }
-}
-
-fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::wrong_type(key, "a string")),
-    }
-}
-
-fn boolean(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(ApiError::wrong_type(key, "a boolean")),
-    }
-}
-
-fn integer(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(v) => Ok(Some(v)),
-            None => Err(ApiError::invalid(key, format!("`{key}` must be a non-negative integer, got {n}"))),
-        },
-        Some(_) => Err(ApiError::wrong_type(key, "an integer")),
-    }
-}
-
-fn number(obj: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(ApiError::wrong_type(key, "a number")),
-    }
-}
-
-fn parse_scheduler(s: &str) -> Result<SamplerKind, ApiError> {
-    serde_json::from_value(Value::String(s.to_string())).map_err(|_| {
-        ApiError::invalid(
-            "scheduler",
-            format!("Unknown scheduler `{s}`; expected one of: ddim, ddpm, euler, euler-ancestral, lcm"),
-        )
-    })
 }
 
 /// Parse `WxH` (or `auto` for the model default).

@@ -7,9 +7,9 @@
 //! * `[{"name": "clip_score", "weight": 1.0}, {"name": "jpeg_compressibility", "weight": 0.1}]`:
 //!   a weighted sum.
 //!
-//! [`RewardSpec::parse`] reads a `serde_json::Value` and names the offending field in every
-//! error (`reward[1].weight`), which serde's untagged-enum messages cannot. The registry
-//! ([`super::RewardRegistry::build`]) resolves names and checks the rest.
+//! `Deserialize` is written by hand so that errors name the offending field (`reward[1].weight`),
+//! which serde's untagged-enum messages cannot. The registry ([`super::RewardRegistry::build`])
+//! resolves names and checks the rest.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 use super::{RewardError, RewardResult};
 
 /// A reward to maximise: a name, one term, or a weighted sum of terms.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 #[serde(untagged)]
 #[schema(example = json!([{"name": "clip_score", "weight": 1.0}, {"name": "jpeg_compressibility", "weight": 0.1}]))]
 pub enum RewardSpec {
@@ -90,26 +90,25 @@ impl LocatedTerm {
     }
 }
 
-impl RewardSpec {
-    /// Read the `reward` field of a request body, naming the offending field on error.
-    pub fn parse(value: &Value) -> RewardResult<Self> {
-        match value {
-            Value::String(s) => Ok(Self::Name(s.clone())),
-            Value::Object(_) => Ok(Self::Term(parse_term(value, "reward")?)),
+impl<'de> Deserialize<'de> for RewardSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::util::json::{kind, nested};
+        use serde::de::Error as _;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::Name(s)),
+            v @ Value::Object(_) => Ok(Self::Term(nested(v, "")?)),
             Value::Array(items) => Ok(Self::Sum(
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| parse_term(v, &format!("reward[{i}]")))
-                    .collect::<Result<_, _>>()?,
+                items.into_iter().enumerate().map(|(i, v)| nested(v, &format!("[{i}]"))).collect::<Result<_, _>>()?,
             )),
-            other => Err(RewardError::invalid(
-                "reward",
-                format!("expected a reward name, a {{\"name\": ...}} object or a list of them, got {}", kind(other)),
-            )),
+            other => Err(D::Error::custom(format!(
+                "invalid type: {}, expected a reward name, a {{\"name\": ...}} object or a list of them",
+                kind(&other)
+            ))),
         }
     }
+}
 
+impl RewardSpec {
     /// The terms with their field names, after the structural checks: non-empty list,
     /// non-empty names, finite weights. Names are resolved by the registry.
     pub fn terms(&self) -> RewardResult<Vec<LocatedTerm>> {
@@ -157,62 +156,5 @@ impl RewardSpec {
     /// The structural checks of [`RewardSpec::terms`] alone.
     pub fn validate(&self) -> RewardResult<()> {
         self.terms().map(|_| ())
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn parse_term(value: &Value, prefix: &str) -> RewardResult<RewardTerm> {
-    let Value::Object(obj) = value else {
-        return Err(RewardError::invalid(prefix, format!("expected a {{\"name\": ...}} object, got {}", kind(value))));
-    };
-    if let Some(key) = obj.keys().find(|k| !["name", "weight", "target"].contains(&k.as_str())) {
-        return Err(RewardError::invalid(
-            format!("{prefix}.{key}"),
-            format!("unknown field `{key}`; a reward term has `name`, `weight` and `target`"),
-        ));
-    }
-    let name = match obj.get("name") {
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => return Err(RewardError::invalid(format!("{prefix}.name"), "missing reward name")),
-        Some(other) => {
-            return Err(RewardError::invalid(
-                format!("{prefix}.name"),
-                format!("expected a string, got {}", kind(other)),
-            ))
-        }
-    };
-    let weight = match obj.get("weight") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => n.as_f64(),
-        Some(other) => {
-            return Err(RewardError::invalid(
-                format!("{prefix}.weight"),
-                format!("expected a number, got {}", kind(other)),
-            ))
-        }
-    };
-    let target = match obj.get("target") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(parse_rgb(v).ok_or_else(|| {
-            RewardError::invalid(format!("{prefix}.target"), format!("expected [r, g, b] (three numbers), got {v}"))
-        })?),
-    };
-    Ok(RewardTerm { name, weight, target })
-}
-
-fn parse_rgb(v: &Value) -> Option<[f64; 3]> {
-    match v.as_array()?.as_slice() {
-        [r, g, b] => Some([r.as_f64()?, g.as_f64()?, b.as_f64()?]),
-        _ => None,
     }
 }

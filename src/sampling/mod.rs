@@ -104,7 +104,7 @@ fn lcm_original_steps(cfg: &SchedulerConfig) -> usize {
 }
 
 /// Check request parameters against a sampler and scheduler config. Errors name the field
-/// (`steps`, `eta`, `scheduler`) and are meant for a 422 answer.
+/// (`steps`, `eta`, `scheduler`) and are meant for a 400 answer.
 pub fn check_params(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta: f64) -> crate::error::Result<()> {
     use crate::error::TillerError;
     let max = match kind {

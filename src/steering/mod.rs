@@ -29,7 +29,11 @@ use crate::sampling::{NoiseSource, Sampler};
 pub use weights::Resampler;
 
 /// `steering` in a generation request. The `method` field selects the strategy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+///
+/// `Deserialize` is written by hand so that errors name the inner field (`steering.particles`)
+/// and `none` rejects parameters (serde's internally tagged enums lose the path and ignore the
+/// other keys of a unit variant).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
 #[serde(tag = "method", rename_all = "snake_case")]
 pub enum SteeringSpec {
     /// Plain sampling (the reward, if given, is only reported).
@@ -39,6 +43,55 @@ pub enum SteeringSpec {
     Fk(fk::FkSpec),
     Svdd(svdd::SvddSpec),
     Reno(reno::RenoSpec),
+}
+
+/// The `method` values, in the order error messages list them.
+pub const METHODS: &[&str] = &["none", "best_of_n", "fk", "svdd", "reno"];
+
+impl<'de> Deserialize<'de> for SteeringSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::util::json::{error_at, nested};
+        use serde::de::Error as _;
+        let value = serde_json::Value::deserialize(d)?;
+        let serde_json::Value::Object(mut obj) = value else {
+            return Err(D::Error::custom(format!(
+                "invalid type: {}, expected an object with a `method` field",
+                crate::util::json::kind(&value)
+            )));
+        };
+        let methods = METHODS.join(", ");
+        let method = match obj.remove("method") {
+            Some(serde_json::Value::String(m)) => m,
+            None | Some(serde_json::Value::Null) => {
+                return Err(error_at("method", format!("missing field `method`: required, one of: {methods}")))
+            }
+            Some(other) => {
+                return Err(error_at(
+                    "method",
+                    format!("invalid type: {}, expected one of: {methods}", crate::util::json::kind(&other)),
+                ))
+            }
+        };
+        let rest = serde_json::Value::Object(obj);
+        Ok(match method.as_str() {
+            "none" => {
+                if let Some(k) = rest.as_object().and_then(|o| o.keys().next()) {
+                    return Err(error_at(k, format!("unknown field `{k}`: method `none` takes no parameters")));
+                }
+                SteeringSpec::None
+            }
+            "best_of_n" => SteeringSpec::BestOfN(nested(rest, "")?),
+            "fk" => SteeringSpec::Fk(nested(rest, "")?),
+            "svdd" => SteeringSpec::Svdd(nested(rest, "")?),
+            "reno" => SteeringSpec::Reno(nested(rest, "")?),
+            other => {
+                return Err(error_at(
+                    "method",
+                    format!("unknown steering method `{other}`; expected one of: {methods}"),
+                ))
+            }
+        })
+    }
 }
 
 impl SteeringSpec {
