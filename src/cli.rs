@@ -138,10 +138,15 @@ pub struct GenerateArgs {
     /// `init_latents` (the initial noise).
     #[arg(long, value_name = "FILE")]
     pub save_latents: Option<PathBuf>,
-    /// PNG path; with -n > 1 the images are PATH_0.png, PATH_1.png, ... Default: output.png
-    /// unless only --save-latents is given.
+    /// Image path; its extension picks the format (`.png`, `.jpg`/`.jpeg`, `.webp`; PNG
+    /// otherwise, with the generation parameters in a `parameters` chunk). With -n > 1 the
+    /// images are PATH_0.png, PATH_1.png, ... Default: output.png unless only --save-latents is
+    /// given.
     #[arg(long, short = 'o', value_name = "PATH")]
     pub output: Option<PathBuf>,
+    /// JPEG quality, 1 to 100.
+    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub quality: u8,
     /// Where model names are looked up.
     #[arg(long, env = "TILLER_MODELS_DIR", default_value = "models", value_name = "DIR")]
     pub models_dir: PathBuf,
@@ -322,13 +327,21 @@ pub fn load_with_loras(
     adapters_dir: &Path,
 ) -> Result<std::sync::Arc<dyn crate::models::DiffusionModel>> {
     let adapters = load_loras(lora, adapters_dir)?;
-    let model = crate::models::loader::load_model(name, dir, device, dtype)?;
+    with_adapters(name, crate::models::loader::load_model(name, dir, device, dtype)?, &adapters)
+}
+
+/// `model` with `adapters` merged into its weights (the model itself when there are none).
+pub fn with_adapters(
+    name: &str,
+    model: std::sync::Arc<dyn crate::models::DiffusionModel>,
+    adapters: &crate::adapters::AdapterSet,
+) -> Result<std::sync::Arc<dyn crate::models::DiffusionModel>> {
     if adapters.is_empty() {
         return Ok(model);
     }
     use crate::adapters::registry::{MergePolicy, VariantCache};
     let (variant, info) = VariantCache::new(usize::MAX, MergePolicy::Always, false)
-        .get(name, &model, &adapters)
+        .get(name, &model, adapters)
         .map_err(|e| TillerError::field("lora", e.to_string()))?;
     let list: Vec<String> = adapters
         .items
@@ -351,7 +364,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Some(p) => Some(crate::util::tensor_io::load_init_latents(p)?),
         None => None,
     };
-    let model = load_with_loras(&name, &dir, &device, dtype, &args.steer.lora, &args.steer.adapters_dir)?;
+    let adapters = load_loras(&args.steer.lora, &args.steer.adapters_dir)?;
+    let model = with_adapters(&name, crate::models::loader::load_model(&name, &dir, &device, dtype)?, &adapters)?;
     let seed = args.seed.unwrap_or_else(|| rand::random::<u64>() >> 11);
     let params = GenerationParams {
         prompt: args.prompt.clone(),
@@ -443,9 +457,32 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         (None, Some(_)) => None,
     };
     if let Some(path) = output {
-        let pngs = crate::util::png::encode_batch(&out.decoded)?;
-        for (png, p) in pngs.iter().zip(crate::util::png::numbered_paths(&path, pngs.len())) {
-            std::fs::write(&p, png).map_err(|e| TillerError::file(&p, format!("cannot write: {e}")))?;
+        use crate::util::encode::{a1111_parameters, encode_batch_as, Encoding, GenerationInfo, OutputFormat};
+        let format = OutputFormat::from_path(&path).unwrap_or_default();
+        let spec_json = match &steering.spec {
+            crate::steering::SteeringSpec::None => None,
+            spec => serde_json::to_string(spec).ok(),
+        };
+        let parameters = |i: usize| {
+            Some(a1111_parameters(&GenerationInfo {
+                prompt: &params.prompt,
+                negative_prompt: params.negative_prompt.as_deref(),
+                steps: resolved.steps,
+                sampler: resolved.scheduler,
+                guidance_scale: resolved.guidance_scale,
+                seed: gen.seeds[i],
+                width: resolved.width,
+                height: resolved.height,
+                eta: resolved.eta,
+                model: &name,
+                adapters: adapters.items.iter().map(|(a, s)| (a.name.as_str(), *s)).collect(),
+                steering: spec_json.clone(),
+                reward: steering.reward.as_ref().map(|r| r.name()),
+            }))
+        };
+        let files = encode_batch_as(&out.decoded, Encoding { format, quality: args.quality }, parameters)?;
+        for (file, p) in files.iter().zip(crate::util::encode::numbered_paths(&path, files.len())) {
+            std::fs::write(&p, file).map_err(|e| TillerError::file(&p, format!("cannot write: {e}")))?;
             eprintln!("wrote {}", p.display());
         }
     }
@@ -486,7 +523,7 @@ pub fn steering_request(
     use crate::steering::{SteeringLimits, SteeringSpec};
     let spec: SteeringSpec = match steering {
         // The HTTP API's parser, so that errors name the field the same way.
-        Some(j) => crate::util::json::parse_slice(j.as_bytes())
+        Some(j) => crate::util::json::parse_as_field("steering", j.as_bytes())
             .map_err(|e| TillerError::Other(anyhow::anyhow!("--steering: {}", e.message)))?,
         None => SteeringSpec::None,
     };
@@ -497,10 +534,13 @@ pub fn steering_request(
     };
     let reward = match reward {
         Some(j) => {
-            let v: serde_json::Value = serde_json::from_str(j)
-                .or_else(|_| serde_json::from_str(&format!("\"{j}\"")))
-                .map_err(|e| TillerError::field("reward", e.to_string()))?;
-            let spec: RewardSpec = crate::util::json::parse_value(v)
+            // A bare name needs no JSON quotes.
+            let json = if serde_json::from_str::<serde_json::Value>(j).is_ok() {
+                j.to_string()
+            } else {
+                serde_json::Value::String(j.to_string()).to_string()
+            };
+            let spec: RewardSpec = crate::util::json::parse_as_field("reward", json.as_bytes())
                 .map_err(|e| TillerError::Other(anyhow::anyhow!("--reward: {}", e.message)))?;
             let cfg = Config::load(config)?;
             let configs = crate::reward::registry::with_shipped(&cfg.rewards, models_dir);

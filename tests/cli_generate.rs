@@ -135,6 +135,31 @@ fn several_images_get_numbered_paths_and_model_can_be_a_path() {
     assert!(dir.path().join("img_0.png").is_file());
     assert!(dir.path().join("img_1.png").is_file());
     assert!(!out.exists());
+    // Each PNG records its own seed in the `parameters` chunk web UIs read.
+    for (i, seed) in [(0, 1), (1, 2)] {
+        let bytes = std::fs::read(dir.path().join(format!("img_{i}.png"))).unwrap();
+        let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+        let chunk = reader.info().uncompressed_latin1_text.iter().find(|c| c.keyword == "parameters").cloned();
+        let text = chunk.expect("parameters chunk").text;
+        assert!(text.starts_with("x\n") && text.contains(&format!("Seed: {seed},")), "{text}");
+    }
+    // The extension picks the format.
+    let jpg = dir.path().join("img.jpg");
+    run(&[
+        "generate",
+        "--model",
+        &model.to_string_lossy(),
+        "--prompt",
+        "x",
+        "--seed",
+        "1",
+        "--quality",
+        "80",
+        "--output",
+        &jpg.to_string_lossy(),
+    ]);
+    let bytes = std::fs::read(&jpg).unwrap();
+    assert_eq!(image::guess_format(&bytes).unwrap(), image::ImageFormat::Jpeg);
 }
 
 #[test]

@@ -41,7 +41,7 @@ fn fk_job(prompt: &str, particles: usize, steps: usize, seed: u64) -> Job {
 
 async fn pngs(h: &Arc<JobHandle>) -> Vec<Vec<u8>> {
     match h.wait().await {
-        JobEvent::Completed(out) => out.images.iter().map(|i| i.png.clone()).collect(),
+        JobEvent::Completed(out) => out.images.iter().map(|i| i.encoded.clone()).collect(),
         other => panic!("job ended with {other:?}"),
     }
 }

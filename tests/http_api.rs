@@ -135,7 +135,10 @@ async fn every_invalid_field_is_a_4xx_naming_it() {
         (json!({"prompt": "p", "size": 64}), 400, "size"),
         (json!({"prompt": "p", "response_format": "url"}), 400, "response_format"),
         (json!({"prompt": "p", "response_format": "jpeg"}), 400, "response_format"),
-        (json!({"prompt": "p", "output_format": "webp"}), 400, "output_format"),
+        (json!({"prompt": "p", "output_format": "gif"}), 400, "output_format"),
+        (json!({"prompt": "p", "output_compression": 50}), 400, "output_compression"),
+        (json!({"prompt": "p", "output_format": "jpeg", "output_compression": 101}), 400, "output_compression"),
+        (json!({"prompt": "p", "output_format": "jpeg", "output_compression": -1}), 400, "output_compression"),
         (json!({"prompt": "p", "model": 7}), 400, "model"),
         (json!({"prompt": "p", "user": 7}), 400, "user"),
         (json!({"prompt": "p", "steps": 0}), 400, "steps"),
@@ -472,4 +475,59 @@ async fn openapi_and_offline_docs_are_served() {
     assert_eq!(r.status().as_u16(), 200);
     // /docs redirects to /docs/ (reqwest follows).
     assert_eq!(s.get("/docs").await.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_formats_and_the_png_parameters_chunk() {
+    use base64::Engine as _;
+    let s = mock_server(Duration::ZERO, config()).await;
+    let base = json!({"prompt": "a red circle", "negative_prompt": "blur", "size": "32x16", "seed": 11, "steps": 3});
+    let get = |body: serde_json::Value| {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(body["data"][0]["b64_json"].as_str().unwrap());
+        bytes.unwrap()
+    };
+    let with = |extra: serde_json::Value| {
+        let mut req = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        req
+    };
+    let (st, body) = s.generate(base.clone()).await;
+    assert_eq!(st, 200, "{body}");
+    let png_bytes = get(body);
+    let pixels = image::load_from_memory(&png_bytes).unwrap().to_rgb8();
+    // The PNG carries the parameters a web UI's "PNG Info" reads.
+    let reader = png::Decoder::new(std::io::Cursor::new(&png_bytes)).read_info().unwrap();
+    let text = &reader.info().uncompressed_latin1_text;
+    let params = text.iter().find(|c| c.keyword == "parameters").expect("a parameters chunk").text.clone();
+    let lines: Vec<&str> = params.lines().collect();
+    assert_eq!(lines[0], "a red circle");
+    assert_eq!(lines[1], "Negative prompt: blur");
+    for want in ["Steps: 3", "Seed: 11", "Size: 32x16", "Model: mock", "CFG scale: "] {
+        assert!(lines[2].contains(want), "{want} missing from {params}");
+    }
+
+    // WebP is lossless: the same pixels.
+    let (st, body) = s.generate(with(json!({"output_format": "webp"}))).await;
+    assert_eq!(st, 200, "{body}");
+    let webp = get(body);
+    assert_eq!(image::guess_format(&webp).unwrap(), image::ImageFormat::WebP);
+    assert_eq!(image::load_from_memory(&webp).unwrap().to_rgb8().as_raw(), pixels.as_raw());
+
+    // JPEG: close to the same pixels, smaller at lower quality.
+    let mut sizes = vec![];
+    for q in [100, 10] {
+        let (st, body) = s.generate(with(json!({"output_format": "jpeg", "output_compression": q}))).await;
+        assert_eq!(st, 200, "{body}");
+        let jpeg = get(body);
+        assert_eq!(image::guess_format(&jpeg).unwrap(), image::ImageFormat::Jpeg);
+        let back = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), (32, 16));
+        let mad = back.as_raw().iter().zip(pixels.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
+            / pixels.as_raw().len() as f64;
+        assert!(mad < 20.0, "quality {q}: mean abs diff {mad}");
+        sizes.push(jpeg.len());
+    }
+    assert!(sizes[1] < sizes[0], "{sizes:?}");
 }

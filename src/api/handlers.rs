@@ -110,6 +110,7 @@ pub(crate) fn prepare(
         adapters: validated.adapters,
         partial_images: if stream { validated.partial_images } else { 0 },
         request_id,
+        encoding: validated.encoding,
     };
     Ok(Prepared { job, applied, request_seed, trace, stream, stream_progress })
 }
@@ -191,7 +192,7 @@ async fn create_image_inner(state: &AppState, p: Prepared, t0: Instant) -> Resul
     let mut data = Vec::with_capacity(out.images.len());
     for img in &out.images {
         data.push(Image {
-            b64_json: base64::engine::general_purpose::STANDARD.encode(&img.png),
+            b64_json: base64::engine::general_purpose::STANDARD.encode(&img.encoded),
             tiller: metadata(&p, &out, img, total_ms)?,
         });
     }

@@ -104,7 +104,7 @@ fn info(handle: &JobHandle, p: &Prepared) -> Result<JobInfo, ApiError> {
             let mut data = Vec::with_capacity(out.images.len());
             for img in &out.images {
                 data.push(Image {
-                    b64_json: base64::engine::general_purpose::STANDARD.encode(&img.png),
+                    b64_json: base64::engine::general_purpose::STANDARD.encode(&img.encoded),
                     tiller: metadata(p, &out, img, total_ms)?,
                 });
             }

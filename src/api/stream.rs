@@ -52,17 +52,17 @@ pub(crate) fn openai_events(
     progress: bool,
 ) -> Vec<Event> {
     match ev {
-        JobEvent::Partial { index, png, .. } => vec![json_event(
+        JobEvent::Partial { index, image, .. } => vec![json_event(
             "image_generation.partial_image",
             &PartialImageEvent {
                 kind: "image_generation.partial_image".into(),
-                b64_json: b64(png),
+                b64_json: b64(image),
                 partial_image_index: *index,
                 created_at: unix_now(),
                 size: size.to_string(),
                 quality: "auto".into(),
                 background: "opaque".into(),
-                output_format: "png".into(),
+                output_format: p.job.encoding.format.name().into(),
             },
         )],
         JobEvent::Step { step, total } if progress => {
@@ -77,12 +77,12 @@ pub(crate) fn openai_events(
                         "image_generation.completed",
                         &CompletedImageEvent {
                             kind: "image_generation.completed".into(),
-                            b64_json: b64(&img.png),
+                            b64_json: b64(&img.encoded),
                             created_at: unix_now(),
                             size: size.to_string(),
                             quality: "auto".into(),
                             background: "opaque".into(),
-                            output_format: "png".into(),
+                            output_format: p.job.encoding.format.name().into(),
                             usage: ImageUsage {
                                 input_tokens: tokens,
                                 input_tokens_details: InputTokensDetails { image_tokens: 0, text_tokens: tokens },

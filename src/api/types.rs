@@ -13,7 +13,7 @@ use crate::steering::{PhaseTimings, SteeringSpec, TraceEvent};
 /// pass silently; `user`, `quality` and `style` are accepted for OpenAI compatibility and ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"prompt": "a red circle on a blue background", "size": "64x64", "seed": 42}))]
+#[schema(example = json!({"prompt": "a red circle above a blue square", "size": "64x64", "seed": 42}))]
 pub struct ImageGenerationRequest {
     /// Text prompt (required; at most `limits.max_prompt_chars` characters).
     pub prompt: String,
@@ -24,7 +24,8 @@ pub struct ImageGenerationRequest {
     #[serde(default)]
     #[schema(minimum = 1, example = 1)]
     pub n: Option<u32>,
-    /// `WIDTHxHEIGHT` in pixels, multiples of the model's VAE factor (8), within the configured
+    /// `WIDTHxHEIGHT` in pixels, multiples of the model's VAE factor (`vae_scale_factor` in
+    /// `GET /v1/models`: 4 for the default model, 8 for Stable Diffusion), within the configured
     /// limits; default (or `auto`): the model's default size.
     #[serde(default)]
     #[schema(example = "512x512")]
@@ -33,9 +34,15 @@ pub struct ImageGenerationRequest {
     #[serde(default)]
     #[schema(example = "b64_json")]
     pub response_format: Option<String>,
-    /// Only `png` (the default).
+    /// `png` (the default), `jpeg` or `webp` (lossless). A PNG carries the generation
+    /// parameters in a `parameters` text chunk, in the layout Stable Diffusion web UIs read.
     #[serde(default)]
-    pub output_format: Option<String>,
+    pub output_format: Option<crate::util::encode::OutputFormat>,
+    /// JPEG quality 0–100 (100, the default, keeps the most detail), as OpenAI's
+    /// `output_compression`; accepted for `webp` (always lossless); refused for `png`.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u32>,
     /// Accepted and ignored (OpenAI compatibility).
     #[serde(default)]
     pub user: Option<String>,
@@ -142,7 +149,7 @@ pub struct PartialImageEvent {
     pub quality: String,
     /// Always `opaque`.
     pub background: String,
-    /// Always `png`.
+    /// `png`, `jpeg` or `webp`, as the request asked.
     pub output_format: String,
 }
 

@@ -14,6 +14,7 @@ use crate::pipeline::GenerationParams;
 use crate::reward::{RewardError, RewardRegistry, RewardSpec};
 use crate::sampling::SamplerKind;
 use crate::steering::{SteeringLimits, SteeringRequest, SteeringSpec};
+use crate::util::encode::{Encoding, OutputFormat};
 
 /// Most adapters one request may apply.
 pub const MAX_ADAPTERS: usize = 8;
@@ -98,6 +99,8 @@ pub struct Validated {
     pub random_seed: bool,
     /// Previews to send while streaming (0–3).
     pub partial_images: usize,
+    /// File format of the images.
+    pub encoding: Encoding,
 }
 
 /// Check a typed request against the limits, the model it targets and the rewards on offer.
@@ -140,15 +143,24 @@ pub fn check(
             ))
         }
     }
-    match req.output_format.as_deref() {
-        None | Some("png") => {}
-        Some(other) => {
+    let format = req.output_format.unwrap_or_default();
+    let quality = match (req.output_compression, format) {
+        (None, _) => 100,
+        (Some(_), OutputFormat::Png) => {
             return Err(ApiError::invalid(
-                "output_format",
-                format!("Unsupported output_format `{other}`; only `png` is supported"),
+                "output_compression",
+                "`output_compression` applies to `output_format` jpeg (and webp); PNG is always lossless",
             ))
         }
-    }
+        (Some(c), _) if c > 100 => {
+            return Err(ApiError::invalid(
+                "output_compression",
+                format!("`output_compression` must be 0 to 100, got {c}"),
+            ))
+        }
+        (Some(c), _) => c as u8,
+    };
+    let encoding = Encoding { format, quality };
     if let Some(p) = req.partial_images {
         if p > 3 {
             return Err(ApiError::invalid(
@@ -269,7 +281,7 @@ pub fn check(
     let steering =
         check_steering(req.steering.unwrap_or_default(), req.reward, req.trace, limits, model, rewards, &params)?;
     let partial_images = req.partial_images.unwrap_or(0) as usize;
-    Ok(Validated { params, steering, adapters, random_seed, partial_images })
+    Ok(Validated { params, steering, adapters, random_seed, partial_images, encoding })
 }
 
 /// Steering fields: the spec's numbers, the reward (built from the registry), and the

@@ -25,10 +25,10 @@ pub enum JobEvent {
         step: usize,
         total: usize,
     },
-    /// A decoded preview of x̂0 (PNG), `index` counting from 0.
+    /// A decoded preview of x̂0 in the job's output format, `index` counting from 0.
     Partial {
         index: usize,
-        png: Arc<Vec<u8>>,
+        image: Arc<Vec<u8>>,
     },
     Completed(Arc<JobOutput>),
     Failed(JobError),

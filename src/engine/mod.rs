@@ -149,12 +149,15 @@ pub struct Job {
     pub partial_images: usize,
     /// The HTTP request's id, carried into the job's log lines.
     pub request_id: Option<String>,
+    /// File format of the images (and previews); PNGs carry a `parameters` chunk.
+    pub encoding: crate::util::encode::Encoding,
 }
 
 /// One generated image.
 #[derive(Debug, Clone)]
 pub struct GeneratedImage {
-    pub png: Vec<u8>,
+    /// The encoded file (`Job::encoding`).
+    pub encoded: Vec<u8>,
     pub seed: u64,
     /// Reward of this image, when the job had a reward.
     pub reward: Option<f32>,
@@ -877,8 +880,8 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
         handle.push(JobEvent::Step { step: p.step, total: p.total });
         if next_preview < previews.len() && previews[next_preview] <= p.step {
             if let Some(x0) = &p.x0 {
-                if let Some(png) = preview_png(variant_model.as_ref(), x0) {
-                    handle.push(JobEvent::Partial { index: next_preview, png: Arc::new(png) });
+                if let Some(image) = preview(variant_model.as_ref(), x0, job.encoding) {
+                    handle.push(JobEvent::Partial { index: next_preview, image: Arc::new(image) });
                 }
             }
             next_preview += 1;
@@ -891,15 +894,36 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
         Err(_) if handle.is_cancelled() => return Err(JobEnd::Cancelled(None)),
         Err(e) => return Err(JobEnd::Error(job_error(e))),
     };
-    let pngs = crate::util::png::encode_batch(&out.steered.decoded)
+    let parameters = |i: usize| {
+        let info = crate::util::encode::GenerationInfo {
+            prompt: &job.params.prompt,
+            negative_prompt: job.params.negative_prompt.as_deref(),
+            steps: out.params.steps,
+            sampler: out.params.scheduler,
+            guidance_scale: out.params.guidance_scale,
+            seed: out.seeds[i],
+            width: out.params.width,
+            height: out.params.height,
+            eta: out.params.eta,
+            model: &w.model_name,
+            adapters: job.adapters.items.iter().map(|(a, scale)| (a.name.as_str(), *scale)).collect(),
+            steering: match job.steering.spec {
+                crate::steering::SteeringSpec::None => None,
+                ref spec => serde_json::to_string(spec).ok(),
+            },
+            reward: job.steering.reward.as_ref().map(|r| r.name()),
+        };
+        Some(crate::util::encode::a1111_parameters(&info))
+    };
+    let files = crate::util::encode::encode_batch_as(&out.steered.decoded, job.encoding, parameters)
         .map_err(|e| JobEnd::Error(JobError::Failed(format!("cannot encode the images: {e}"))))?;
     let st = out.steered;
-    let images = pngs
+    let images = files
         .into_iter()
         .zip(out.seeds.iter())
         .zip(st.images)
-        .map(|((png, &seed), img)| GeneratedImage {
-            png,
+        .map(|((encoded, &seed), img)| GeneratedImage {
+            encoded,
             seed,
             reward: img.reward,
             trace: img.trace,
@@ -922,10 +946,14 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
     })
 }
 
-/// Decode row 0 of `x0` to a PNG (a preview; failures only skip it).
-fn preview_png(model: &dyn DiffusionModel, x0: &candle_core::Tensor) -> Option<Vec<u8>> {
+/// Decode row 0 of `x0` to an image file (a preview; failures only skip it).
+fn preview(
+    model: &dyn DiffusionModel,
+    x0: &candle_core::Tensor,
+    encoding: crate::util::encode::Encoding,
+) -> Option<Vec<u8>> {
     let img = model.decode(&x0.narrow(0, 0, 1).ok()?).ok()?;
-    crate::util::png::encode_batch(&img).ok()?.into_iter().next()
+    crate::util::encode::encode_batch_as(&img, encoding, |_| None).ok()?.into_iter().next()
 }
 
 fn job_error(e: GenerationError) -> JobError {

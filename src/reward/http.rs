@@ -156,7 +156,7 @@ impl Reward for HttpReward {
     fn score(&self, images: &Tensor, prompt: &str) -> RewardResult<Vec<f32>> {
         let (n, _, _) = image_dims(images)?;
         let pngs =
-            crate::util::png::encode_batch(&images.detach()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            crate::util::encode::encode_batch(&images.detach()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let body = serde_json::json!({
             "prompt": prompt,

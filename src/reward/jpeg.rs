@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use image::ImageEncoder;
 
 use super::{image_dims, Reward, RewardResult};
-use crate::util::png::quantize;
+use crate::util::encode::quantize;
 
 /// JPEG quality the scores are defined at (DDPO's).
 pub const JPEG_QUALITY: u8 = 95;

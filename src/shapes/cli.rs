@@ -159,7 +159,7 @@ fn create_dir(dir: &Path) -> Result<()> {
 }
 
 fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
-    let png = crate::util::png::encode_rgb(img.as_raw(), img.width(), img.height())?;
+    let png = crate::util::encode::encode_rgb(img.as_raw(), img.width(), img.height())?;
     std::fs::write(path, png).map_err(|e| TillerError::file(path, format!("cannot write: {e}")))
 }
 

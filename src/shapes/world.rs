@@ -623,7 +623,7 @@ pub fn tensor_to_image(t: &Tensor) -> candle_core::Result<RgbImage> {
         candle_core::bail!("expected 3 channels, got {c}");
     }
     let hwc: Vec<f32> = t.permute((1, 2, 0))?.contiguous()?.flatten_all()?.to_vec1()?;
-    let bytes = hwc.into_iter().map(crate::util::png::quantize).collect();
+    let bytes = hwc.into_iter().map(crate::util::encode::quantize).collect();
     RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| candle_core::Error::Msg("bad image buffer".into()))
 }
 

@@ -107,6 +107,9 @@ impl FieldError {
 /// `a` + `b` as a field path: `steering` + `particles` = `steering.particles`,
 /// `reward` + `[1].weight` = `reward[1].weight`.
 fn join(a: &str, b: &str) -> String {
+    if b.is_empty() {
+        return a.to_string();
+    }
     match (a.is_empty(), b.starts_with('[')) {
         (true, _) => b.to_string(),
         (false, true) => format!("{a}{b}"),
@@ -166,6 +169,19 @@ pub fn parse_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FieldError> {
         });
     }
     parse_value(value)
+}
+
+/// Parse `bytes` as the value of the request field `field` (a command-line flag that takes a
+/// request field's JSON): errors name the path from that field (`steering.particles`).
+pub fn parse_as_field<T: DeserializeOwned>(field: &str, bytes: &[u8]) -> Result<T, FieldError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| FieldError {
+        field: field.to_string(),
+        kind: FieldErrorKind::Syntax,
+        message: format!("`{field}` is not valid JSON: {e}"),
+    })?;
+    let wrapped = Value::Object(serde_json::Map::from_iter([(field.to_string(), value)]));
+    let mut map: std::collections::BTreeMap<String, T> = parse_value(wrapped)?;
+    Ok(map.remove(field).expect("the one key"))
 }
 
 /// Parse a JSON value as `T`, naming the field at fault.

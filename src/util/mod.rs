@@ -1,8 +1,8 @@
 //! Small helpers shared by the CLI, the engine and the HTTP API.
 
+pub mod encode;
 pub mod json;
 pub mod metrics;
-pub mod png;
 pub mod tensor_io;
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
