@@ -164,6 +164,7 @@ impl Setup<'_> {
             seeds: self.seeds.clone(),
             latent_shape: (info.latent_channels, h / f, w / f),
             init_latents: None,
+            edit: None,
             trace: false,
         }
     }

@@ -379,6 +379,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         eta: args.eta,
         seed,
         init_latents,
+        edit: None,
     };
     let steering = steering_request(
         args.steer.steering.as_deref(),

@@ -121,6 +121,10 @@ fn vae_matches_diffusers() {
         assert_close(&format!("{m} vae decode"), &decoded, &t["decoded"]);
         let mean = model.vae().encode_mean(&t["image_in"]).unwrap();
         assert_close(&format!("{m} vae encoder mean"), &mean, &t["latent_mean"]);
+        let (mean2, std) = model.vae().encode_mean_std(&t["image_in"]).unwrap();
+        assert_close(&format!("{m} vae encoder mean (with std)"), &mean2, &t["latent_mean"]);
+        let want_std = (t["latent_logvar"].clamp(-30f32, 20f32).unwrap() * 0.5).unwrap().exp().unwrap();
+        assert_close(&format!("{m} vae encoder std"), &std, &want_std);
     }
 }
 

@@ -64,6 +64,7 @@ fn steer(m: &GaussianMixtureModel, sampler: &dyn Sampler, spec: &SteeringSpec, r
         seeds: (0..runs as u64).map(|i| seed * 1_000_003 + i).collect(),
         latent_shape: (3, 2, 2),
         init_latents: None,
+        edit: None,
         trace: false,
     };
     let out = run(&ctx, spec, &mut |_| true).unwrap();
@@ -197,6 +198,7 @@ fn deterministic_samplers_are_rejected_for_fk_and_svdd() {
         seeds: vec![1],
         latent_shape: (3, 2, 2),
         init_latents: None,
+        edit: None,
         trace: false,
     };
     for spec in [fk(4, 1.0, Potential::Diff, 5), SteeringSpec::Svdd(SvddSpec { candidates: 4, alpha: 0.0 })] {
@@ -247,6 +249,7 @@ fn ctx_with<'a>(
         seeds,
         latent_shape: (3, 2, 2),
         init_latents: None,
+        edit: None,
         trace: true,
     }
 }

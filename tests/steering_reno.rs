@@ -47,6 +47,7 @@ fn ctx<'a>(
         seeds,
         latent_shape: (m.info().latent_channels, h / f, w / f),
         init_latents: None,
+        edit: None,
         trace: true,
     }
 }

@@ -276,6 +276,7 @@ pub fn check(
         eta: req.eta,
         seed,
         init_latents,
+        edit: None,
     };
     let adapters = check_adapters(req.adapters.as_deref().unwrap_or_default(), adapters)?;
     let steering =

@@ -415,6 +415,11 @@ impl DiffusionModel for JobModel {
         self.check_cancel()?;
         self.inner.encode_image(images)
     }
+
+    fn encode_posterior(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_cancel()?;
+        self.inner.encode_posterior(images)
+    }
 }
 
 #[cfg(test)]

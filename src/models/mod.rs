@@ -173,4 +173,13 @@ pub trait DiffusionModel: Send + Sync {
     fn encode_image(&self, _images: &Tensor) -> Result<Tensor> {
         candle_core::bail!("model `{}` has no image encoder", self.info().name)
     }
+
+    /// The latent posterior of images in [0, 1], shifted and scaled like latents: `(mean, std)`;
+    /// `mean + std·ε` is diffusers' `latent_dist.sample()`, what its img2img and inpainting
+    /// pipelines start from.
+    fn encode_posterior(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mean = self.encode_image(images)?;
+        let std = mean.zeros_like()?;
+        Ok((mean, std))
+    }
 }

@@ -330,4 +330,15 @@ impl DiffusionModel for StableDiffusion {
         }
         z * c.scaling_factor
     }
+
+    fn encode_posterior(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = ((images * 2.0)? - 1.0)?.to_dtype(self.dtype)?;
+        let c = self.vae.config();
+        let (mean, std) = self.vae.encode_mean_std(&x)?;
+        let mut mean = mean.to_dtype(images.dtype())?;
+        if let Some(shift) = c.shift_factor {
+            mean = (mean - shift)?;
+        }
+        Ok(((mean * c.scaling_factor)?, (std.to_dtype(images.dtype())? * c.scaling_factor)?))
+    }
 }

@@ -302,6 +302,20 @@ impl AutoencoderKL {
 
     /// Posterior mean of the latent distribution (unscaled) for images in [-1, 1].
     pub fn encode_mean(&self, x: &Tensor) -> Result<Tensor> {
+        self.encode_moments(x)?.narrow(1, 0, self.config.latent_channels)
+    }
+
+    /// Posterior mean and standard deviation (unscaled) for images in [-1, 1]; the log-variance
+    /// is clamped to [−30, 20] as diffusers' `DiagonalGaussianDistribution` does.
+    pub fn encode_mean_std(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let m = self.encode_moments(x)?;
+        let c = self.config.latent_channels;
+        let logvar = m.narrow(1, c, c)?.clamp(-30f32, 20f32)?;
+        Ok((m.narrow(1, 0, c)?, (logvar * 0.5)?.exp()?))
+    }
+
+    /// The encoder's output: mean and log-variance stacked on the channel axis.
+    fn encode_moments(&self, x: &Tensor) -> Result<Tensor> {
         let e =
             self.encoder.as_ref().ok_or_else(|| candle_core::Error::Msg("this VAE has no encoder weights".into()))?;
         let mut h = e.conv_in.forward(x)?;
@@ -319,6 +333,6 @@ impl AutoencoderKL {
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
-        h.narrow(1, 0, self.config.latent_channels)
+        Ok(h)
     }
 }

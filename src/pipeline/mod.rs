@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
+pub mod edit;
+
 use crate::models::{DiffusionModel, ModelInfo};
 use crate::sampling::{build_for, NoiseSource, Sampler, SamplerKind, SeededNoise};
 
@@ -24,6 +26,8 @@ pub struct GenerationParams {
     pub seed: u64,
     /// Unit-variance initial noise (n, C, H/f, W/f), diffusers' `latents` argument.
     pub init_latents: Option<Tensor>,
+    /// Edit an image (img2img, inpainting) instead of generating from noise alone.
+    pub edit: Option<edit::EditInput>,
 }
 
 /// Parameters after defaults were applied.

@@ -69,6 +69,10 @@ impl Sampler for Ddpm {
         self.timesteps[i] as f64
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::vp::add_noise(x0, noise, self.abar[i])
+    }
+
     fn predict_x0(&self, x: &Tensor, model_output: &Tensor, i: usize) -> Result<Tensor> {
         x0_from_output(self.prediction, x, model_output, self.abar[i])
     }

@@ -61,6 +61,10 @@ impl Sampler for Euler {
         self.init_sigma
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        x0 + noise.affine(self.sigmas[i], 0.0)?
+    }
+
     fn sigmas(&self) -> Option<Vec<f64>> {
         Some(self.sigmas.clone())
     }

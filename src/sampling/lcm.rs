@@ -56,6 +56,10 @@ impl Sampler for Lcm {
         self.timesteps[i] as f64
     }
 
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::vp::add_noise(x0, noise, self.abar[i])
+    }
+
     fn predict_x0(&self, x: &Tensor, model_output: &Tensor, i: usize) -> Result<Tensor> {
         let x0 = x0_from_output(self.prediction, x, model_output, self.abar[i])?;
         let x0 = self.x0_processing.apply(&x0)?;

@@ -39,6 +39,11 @@ pub trait Sampler: Send + Sync {
         1.0
     }
 
+    /// diffusers' `scheduler.add_noise(x0, noise, timesteps[i])`: the forward process from a
+    /// clean latent to the state step `i` starts from (an edit's starting point, inpainting's
+    /// re-noised image).
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor>;
+
     /// diffusers' `scale_model_input` for step `i`.
     fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
         Ok(x.clone())
@@ -83,6 +88,63 @@ pub trait Sampler: Send + Sync {
     fn timesteps(&self) -> Vec<f64> {
         (0..self.num_steps()).map(|i| self.timestep(i)).collect()
     }
+}
+
+/// The last `num_steps − start` steps of a sampler: an edit at strength s runs the last
+/// ⌊s·N⌋ steps of the N-step schedule (diffusers' `get_timesteps` for img2img and inpainting).
+pub struct FromStep {
+    inner: Box<dyn Sampler>,
+    start: usize,
+}
+
+impl FromStep {
+    pub fn new(inner: Box<dyn Sampler>, start: usize) -> Self {
+        assert!(start < inner.num_steps(), "an edit runs at least one step");
+        Self { inner, start }
+    }
+}
+
+impl Sampler for FromStep {
+    fn num_steps(&self) -> usize {
+        self.inner.num_steps() - self.start
+    }
+    fn timestep(&self, i: usize) -> f64 {
+        self.inner.timestep(self.start + i)
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        self.inner.init_noise_sigma()
+    }
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        self.inner.add_noise(x0, noise, self.start + i)
+    }
+    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        self.inner.scale_model_input(x, self.start + i)
+    }
+    fn predict_x0(&self, x: &Tensor, model_output: &Tensor, i: usize) -> Result<Tensor> {
+        self.inner.predict_x0(x, model_output, self.start + i)
+    }
+    fn step_needs_noise(&self, i: usize) -> bool {
+        self.inner.step_needs_noise(self.start + i)
+    }
+    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+        self.inner.transition(x, x0, self.start + i, noise)
+    }
+    fn step(&self, x: &Tensor, model_output: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+        self.inner.step(x, model_output, self.start + i, noise)
+    }
+    fn injects_noise(&self, i: usize) -> bool {
+        self.inner.injects_noise(self.start + i)
+    }
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        self.inner.sigmas().map(|s| s[self.start..].to_vec())
+    }
+}
+
+/// The first step an edit at `strength` runs of `steps` (diffusers: `steps − int(steps·strength)`);
+/// `None` when that leaves no step.
+pub fn edit_start(steps: usize, strength: f64) -> Option<usize> {
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    (run > 0).then(|| steps - run)
 }
 
 /// The timestep spacing a sampler class uses when the config has no `timestep_spacing` key

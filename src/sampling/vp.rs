@@ -24,6 +24,11 @@ pub fn lincomb(terms: &[(&Tensor, f64)]) -> Result<Tensor> {
     }
 }
 
+/// The forward process at ᾱ: `√ᾱ·x0 + √(1−ᾱ)·ε` (diffusers' `add_noise` of ᾱ-space schedulers).
+pub fn add_noise(x0: &Tensor, noise: &Tensor, abar: f64) -> Result<Tensor> {
+    lincomb(&[(x0, abar.sqrt()), (noise, (1.0 - abar).sqrt())])
+}
+
 /// Cast the model output to the latent's dtype (a f16 network may drive f32 latents).
 pub fn match_dtype(out: &Tensor, x: &Tensor) -> Result<Tensor> {
     if out.dtype() == x.dtype() {

@@ -519,5 +519,6 @@ fn params(args: &EvalShapesArgs, prompt: String, seed: u64) -> GenerationParams 
         eta: args.eta,
         seed,
         init_latents: None,
+        edit: None,
     }
 }

@@ -37,7 +37,7 @@ pub fn run(
         // is also the progress preview, at no extra cost.
         let x0 = sampler.predict_x0(&x, &out, i)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(n)?) } else { None };
-        x = sampler.transition(&x, &x0, i, z.as_ref())?;
+        x = r.blend(&sampler.transition(&x, &x0, i, z.as_ref())?, i)?;
         r.tick(progress, i + 1, total, Some(&x0))?;
     }
     let decoded_all = r.decode(&x)?;

@@ -287,7 +287,7 @@ pub fn run(
             }
         }
         let z = if sampler.step_needs_noise(i) { Some(r.noise(k)?) } else { None };
-        x = sampler.transition(&x, &x0, i, z.as_ref())?;
+        x = r.blend(&sampler.transition(&x, &x0, i, z.as_ref())?, i)?;
         r.tick(progress, i + 1, total, Some(&x0))?;
     }
 

@@ -269,6 +269,8 @@ pub struct SteerContext<'a> {
     /// Unit-variance initial noise per image, (n, C, h, w), replacing the seeded draw
     /// (`none` and `reno` only: the other strategies start from many noises per image).
     pub init_latents: Option<Tensor>,
+    /// Edit an image (img2img, inpainting); `sampler` is then already cut to the edit's steps.
+    pub edit: Option<crate::pipeline::edit::EditInput>,
     /// Record per-step traces.
     pub trace: bool,
 }
@@ -398,6 +400,10 @@ pub(crate) struct Runner<'a, 'c> {
     pub backward_evals: usize,
     pub timings: PhaseTimings,
     started: Instant,
+    /// An edit's image latents, once [`Runner::initial`] has encoded them.
+    edit: Option<crate::pipeline::edit::EditLatents>,
+    /// The unit noise the rows started from (inpainting re-noises the kept region with it).
+    start_noise: Option<Tensor>,
 }
 
 impl<'a, 'c> Runner<'a, 'c> {
@@ -412,6 +418,8 @@ impl<'a, 'c> Runner<'a, 'c> {
             backward_evals: 0,
             timings: PhaseTimings::default(),
             started: Instant::now(),
+            edit: None,
+            start_noise: None,
         }
     }
 
@@ -460,8 +468,52 @@ impl<'a, 'c> Runner<'a, 'c> {
             }
             _ => drawn,
         };
-        let x = (&unit * self.ctx.sampler.init_noise_sigma())?;
+        if let Some(edit) = &self.ctx.edit {
+            // After the starting noise, one posterior sample of the image per image.
+            let eps_vae = self.noise(1)?;
+            let t = Instant::now();
+            self.edit = Some(crate::pipeline::edit::encode(self.ctx.model, edit, &eps_vae)?);
+            self.timings.encode_ms += ms(t);
+            self.start_noise = Some(unit.clone());
+        }
+        let x = self.start_state(&unit)?;
         Ok((unit, x))
+    }
+
+    /// The state step 0 starts from, given unit noise (rows group-major): the noise scaled by
+    /// the sampler, or for an edit the image latents noised to the first step run.
+    pub fn start_state(&self, unit: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.edit {
+            None => unit * self.ctx.sampler.init_noise_sigma(),
+            Some(e) => crate::pipeline::edit::start(self.ctx.sampler, e, unit),
+        }
+    }
+
+    /// After step `i`: inpainting resets the kept region (see [`crate::pipeline::edit::blend`]),
+    /// re-noised with the rows' starting noise; otherwise `x` unchanged.
+    pub fn blend(&self, x: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+        match (&self.edit, &self.start_noise) {
+            (Some(e), Some(noise)) => self.blend_with(x, i, noise, e),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// [`Runner::blend`] with explicit starting noise (ReNO's optimised noise).
+    pub fn blend_noise(&self, x: &Tensor, i: usize, noise: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.edit {
+            Some(e) => self.blend_with(x, i, noise, e),
+            None => Ok(x.clone()),
+        }
+    }
+
+    fn blend_with(
+        &self,
+        x: &Tensor,
+        i: usize,
+        noise: &Tensor,
+        e: &crate::pipeline::edit::EditLatents,
+    ) -> candle_core::Result<Tensor> {
+        crate::pipeline::edit::blend(self.ctx.sampler, e, x, i, noise)
     }
 
     /// Guided model output at step `i` for latents `x` (batch must match `cond`).
@@ -639,7 +691,15 @@ pub fn generate(
     let params = resolve(model.info(), p, &req.spec);
     let (_, c, h, w) = crate::pipeline::latent_shape(model, n, params.height, params.width)
         .map_err(|e| GenerationError::InvalidInput { field: "size", message: e.to_string() })?;
-    let sampler = crate::sampling::build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+    let mut sampler = crate::sampling::build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+    if let Some(edit) = &p.edit {
+        let start =
+            crate::sampling::edit_start(params.steps, edit.strength).ok_or_else(|| GenerationError::InvalidInput {
+                field: "strength",
+                message: format!("strength {} × {} steps leaves no step to run", edit.strength, params.steps),
+            })?;
+        sampler = Box::new(crate::sampling::FromStep::new(sampler, start));
+    }
     let seeds: Vec<u64> = (0..n as u64).map(|i| p.seed.wrapping_add(i)).collect();
     let ctx = SteerContext {
         model,
@@ -651,6 +711,7 @@ pub fn generate(
         seeds: seeds.clone(),
         latent_shape: (c, h, w),
         init_latents: p.init_latents.clone(),
+        edit: p.edit.clone(),
         trace: req.trace,
     };
     let steered = run(&ctx, &req.spec, progress)?;

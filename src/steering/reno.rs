@@ -143,10 +143,11 @@ struct Generator<'r, 'a, 'c> {
 impl Generator<'_, '_, '_> {
     fn latents(&mut self, eps: &Tensor) -> candle_core::Result<Tensor> {
         let sampler = self.runner.ctx.sampler;
-        let mut x = (eps * sampler.init_noise_sigma())?;
+        let mut x = self.runner.start_state(eps)?;
         for i in 0..sampler.num_steps() {
             let out = self.runner.predict(&self.cond, &x, i)?;
             x = sampler.step(&x, &out, i, self.step_noise[i].as_ref())?;
+            x = self.runner.blend_noise(&x, i, eps)?;
         }
         Ok(x)
     }

@@ -96,14 +96,14 @@ pub fn run(
         let x0 = sampler.predict_x0(&x, &out, i)?;
         if i + 1 == total {
             let z = if sampler.step_needs_noise(i) { Some(r.noise(1)?) } else { None };
-            x = sampler.transition(&x, &x0, i, z.as_ref())?;
+            x = r.blend(&sampler.transition(&x, &x0, i, z.as_ref())?, i)?;
             r.tick(progress, i + 1, total, Some(&x0))?;
             break;
         }
         let xs = gather(&x, &repeat)?;
         let x0s = gather(&x0, &repeat)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(m)?) } else { None };
-        let cands = sampler.transition(&xs, &x0s, i, z.as_ref())?;
+        let cands = r.blend(&sampler.transition(&xs, &x0s, i, z.as_ref())?, i)?;
         let out_c = r.predict(&cond_cands, &cands, i + 1)?;
         let x0_c = sampler.predict_x0(&cands, &out_c, i + 1)?;
         let values = r.score(&x0_c)?;
@@ -133,7 +133,7 @@ fn one_step(
     let rows = select(&mut r, spec, &values, 0, &mut traces);
     let (x, x0) = (gather(&xs, &rows)?, gather(&x0s, &rows)?);
     let z = if sampler.step_needs_noise(0) { Some(r.noise(1)?) } else { None };
-    let x = sampler.transition(&x, &x0, 0, z.as_ref())?;
+    let x = r.blend(&sampler.transition(&x, &x0, 0, z.as_ref())?, 0)?;
     r.tick(progress, 1, 1, Some(&x0.narrow(0, 0, 1)?))?;
     finish(r, x, traces, cond.truncated)
 }
