@@ -5,7 +5,9 @@ Checks, against a running server at $TILLER_URL (default http://127.0.0.1:8080):
   * images.generate(stream=True, partial_images=2) yields partial_image events (previews) and
     one completed event whose PNG is byte-identical to the non-streaming answer for the seed;
   * a failure after the stream started reaches the client as an APIError;
-  * an invalid field is a BadRequestError (400) naming the field.
+  * an invalid field is a BadRequestError (400) naming the field;
+  * images.edit: img2img on the generated image, inpainting with a mask (the kept half comes
+    back close to the input), steering through extra_body, and streamed image_edit events.
 Exits non-zero on the first failed check.
 """
 
@@ -57,6 +59,43 @@ try:
     check(False, "steps = 0 is refused")
 except openai.BadRequestError as e:
     check(e.body.get("param") == "steps", f"400 names the field (`{e.body.get('param')}`)")
+
+# Edits: the generated PNG as input. img2img, then inpainting of the left half (white in the
+# mask), with tiller's fields in extra_body (the client flattens them into bracket form fields).
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+
+def gray_png(width, height, value_at):
+    rows = b"".join(b"\x00" + bytes(value_at(x, y) for x in range(width)) for y in range(height))
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+edit_common = dict(model="shapes", prompt="a red circle above a blue square")
+edited = client.images.edit(image=("in.png", png, "image/png"), **edit_common,
+                            extra_body={"seed": 7, "steps": 12, "strength": 0.5})
+out = base64.b64decode(edited.data[0].b64_json)
+check(out[:8] == b"\x89PNG\r\n\x1a\n" and out != png, "images.edit (img2img) returns a new PNG")
+check(edited.data[0].model_extra["tiller"]["steps"] == 12, "the edit reports its parameters")
+mask = gray_png(64, 64, lambda x, y: 255 if x < 32 else 0)
+inpainted = client.images.edit(
+    image=("in.png", png, "image/png"), mask=("mask.png", mask, "image/png"), n=2, **edit_common,
+    extra_body={"seed": 7, "steps": 8, "scheduler": "ddim", "eta": 1.0,
+                "steering": {"method": "fk", "particles": 2}, "reward": "shapes_clip"},
+)
+check(len(inpainted.data) == 2, "images.edit (inpainting) with n = 2 returns two images")
+check(inpainted.data[0].model_extra["tiller"]["steering"]["method"] == "fk", "steering reached the edit")
+edit_kinds = [e.type for e in client.images.edit(image=("in.png", png, "image/png"), **edit_common, stream=True,
+                                                  partial_images=1, extra_body={"seed": 7, "steps": 8})]
+check(edit_kinds[-1] == "image_edit.completed" and "image_edit.partial_image" in edit_kinds,
+      f"a streamed edit yields image_edit events (got {edit_kinds})")
+try:
+    client.images.edit(image=("in.png", png, "image/png"), **edit_common, extra_body={"strength": 2})
+    check(False, "strength = 2 is refused")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "strength", f"400 names the field (`{e.body.get('param')}`)")
 
 # A job that fails after the stream started reaches the client as an APIError, not a silent
 # end: `unreachable` is an `http` reward (configured by run.sh) whose scorer does not answer,

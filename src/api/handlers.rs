@@ -78,6 +78,9 @@ pub(crate) struct Prepared {
     pub trace: bool,
     pub stream: bool,
     pub stream_progress: bool,
+    /// Names the stream's events: `image_generation` (`.partial_image`, `.completed`) or
+    /// `image_edit`, as OpenAI's two endpoints do.
+    pub event_prefix: &'static str,
 }
 
 /// Parse and validate a generation body (400/413/404 as the fields say); `label` gets the
@@ -90,11 +93,45 @@ pub(crate) fn prepare(
 ) -> Result<Prepared, ApiError> {
     let bytes = body.map_err(|rej| body_error(rej, state.limits.max_body_bytes))?;
     let req = validate::parse_body(&bytes)?;
+    prepare_parsed(state, req, None, request_id, label)
+}
+
+/// Validate a parsed request, with an edit's files when it came from `/v1/images/edits`.
+pub(crate) fn prepare_parsed(
+    state: &AppState,
+    mut req: crate::api::types::ImageGenerationRequest,
+    edit: Option<super::edits::EditForm>,
+    request_id: Option<String>,
+    label: &mut Option<String>,
+) -> Result<Prepared, ApiError> {
     let model = state.engine.model(req.model.as_deref()).map_err(|e| submit_error(e, &state.engine))?;
     *label = Some(model.name.clone());
     let stream = req.stream.unwrap_or(false);
     let stream_progress = req.stream_progress.unwrap_or(false);
-    let validated = validate::check(req, &state.limits, &model, &state.rewards, &state.adapters)?;
+    let decoded = match &edit {
+        None => None,
+        Some(form) => {
+            let size = req.size.as_deref().map(validate::parse_size).transpose()?.flatten();
+            let d = form.decode(model.info.vae_scale_factor.max(1), size)?;
+            // The image's own size unless the request names one; checked like any size.
+            req.size = Some(format!("{}x{}", d.width, d.height));
+            Some(d)
+        }
+    };
+    let mut validated = validate::check(req, &state.limits, &model, &state.rewards, &state.adapters)?;
+    if let Some(d) = decoded {
+        let steps = crate::steering::resolve(&model.info, &validated.params, &validated.steering.spec).steps;
+        if crate::sampling::edit_start(steps, d.input.strength).is_none() {
+            return Err(ApiError::invalid(
+                "strength",
+                format!(
+                    "`strength` {} runs ⌊strength × steps⌋ = 0 of the {steps} steps; raise `strength` or `steps`",
+                    d.input.strength
+                ),
+            ));
+        }
+        validated.params.edit = Some(d.input);
+    }
     let applied: Vec<AppliedAdapter> = validated
         .adapters
         .items
@@ -112,7 +149,8 @@ pub(crate) fn prepare(
         request_id,
         encoding: validated.encoding,
     };
-    Ok(Prepared { job, applied, request_seed, trace, stream, stream_progress })
+    let event_prefix = if edit.is_some() { "image_edit" } else { "image_generation" };
+    Ok(Prepared { job, applied, request_seed, trace, stream, stream_progress, event_prefix })
 }
 
 pub(crate) fn body_error(rej: BytesRejection, limit: usize) -> ApiError {
@@ -173,7 +211,7 @@ pub async fn create_image(
     resp
 }
 
-async fn create_image_inner(state: &AppState, p: Prepared, t0: Instant) -> Result<ImagesResponse, ApiError> {
+pub(crate) async fn create_image_inner(state: &AppState, p: Prepared, t0: Instant) -> Result<ImagesResponse, ApiError> {
     let handle = state.engine.submit(p.job.clone()).map_err(|e| submit_error(e, &state.engine))?;
     // Dropping the guard (timeout, or this future dropped because the client went away)
     // cancels the job before its next denoiser call.

@@ -5,6 +5,7 @@
 //! `127.0.0.1:0`; [`serve`] is what `tiller serve` runs.
 
 pub mod adapters;
+pub mod edits;
 pub mod error;
 pub mod handlers;
 pub mod jobs;
@@ -91,6 +92,8 @@ pub fn router(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::max(body_limit))
                 .layer(axum::middleware::from_fn(middleware::require_json)),
         )
+        // Multipart, so no JSON check; the form's own reader answers 415 for anything else.
+        .route("/v1/images/edits", post(edits::edit_image).layer(DefaultBodyLimit::max(body_limit)))
         .route(
             "/v1/jobs",
             post(jobs::create_job)

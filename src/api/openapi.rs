@@ -20,6 +20,7 @@ use crate::sampling::SamplerKind;
     ),
     paths(
         handlers::create_image,
+        super::edits::edit_image,
         handlers::list_models,
         handlers::get_model,
         handlers::list_rewards,
@@ -37,6 +38,7 @@ use crate::sampling::SamplerKind;
     ),
     components(schemas(
         ImageGenerationRequest,
+        ImageEditForm,
         ImagesResponse,
         SseEvent,
         PartialImageEvent,

@@ -53,9 +53,9 @@ pub(crate) fn openai_events(
 ) -> Vec<Event> {
     match ev {
         JobEvent::Partial { index, image, .. } => vec![json_event(
-            "image_generation.partial_image",
+            &format!("{}.partial_image", p.event_prefix),
             &PartialImageEvent {
-                kind: "image_generation.partial_image".into(),
+                kind: format!("{}.partial_image", p.event_prefix),
                 b64_json: b64(image),
                 partial_image_index: *index,
                 created_at: unix_now(),
@@ -74,9 +74,9 @@ pub(crate) fn openai_events(
             for img in &out.images {
                 match metadata(p, out, img, total_ms) {
                     Ok(tiller) => events.push(json_event(
-                        "image_generation.completed",
+                        &format!("{}.completed", p.event_prefix),
                         &CompletedImageEvent {
-                            kind: "image_generation.completed".into(),
+                            kind: format!("{}.completed", p.event_prefix),
                             b64_json: b64(&img.encoded),
                             created_at: unix_now(),
                             size: size.to_string(),
@@ -175,7 +175,7 @@ where
     })
 }
 
-/// `stream: true` on `POST /v1/images/generations`.
+/// `stream: true` on `POST /v1/images/generations` and `/v1/images/edits`.
 pub(crate) async fn images_stream(state: AppState, p: Prepared, t0: Instant) -> Response {
     let handle = match state.engine.submit(p.job.clone()) {
         Ok(h) => h,

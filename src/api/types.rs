@@ -117,6 +117,52 @@ pub struct ImageGenerationRequest {
     pub stream_progress: Option<bool>,
 }
 
+/// `POST /v1/images/edits` form (multipart/form-data): the image, an optional mask, and every
+/// field of [`ImageGenerationRequest`] as a form field (nested ones as JSON text, or in the
+/// bracket notation the `openai` client uses: `steering[method]=fk`).
+#[derive(Debug, Clone, ToSchema)]
+#[allow(dead_code)]
+pub struct ImageEditForm {
+    /// The image to edit (PNG, JPEG or WebP). Its size is the output size unless `size` is
+    /// given (then it is resized), rounded down to the model's VAE factor. One image.
+    #[schema(value_type = String, format = Binary)]
+    pub image: Vec<u8>,
+    /// Where to repaint: white pixels, or transparent ones when the mask has an alpha channel
+    /// (OpenAI's convention); same size as `image`. Without a mask, an `image` with transparency
+    /// is repainted where it is transparent; an opaque one is edited whole (img2img).
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub mask: Option<Vec<u8>>,
+    /// Text prompt (required).
+    pub prompt: String,
+    /// How much of the schedule to run, in (0, 1]: ⌊strength·steps⌋ steps from the image
+    /// noised to that point. Default 0.8 without a mask, 1 with one (the masked region starts
+    /// from noise). Must leave at least one step.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub strength: Option<f64>,
+    /// Number of images, 1 to `limits.max_n`.
+    #[schema(minimum = 1)]
+    pub n: Option<u32>,
+    /// `WIDTHxHEIGHT`; default the image's size.
+    pub size: Option<String>,
+    /// Model id; default the server's default model.
+    pub model: Option<String>,
+    /// Seed (image i uses seed + i).
+    pub seed: Option<u64>,
+    /// Denoising steps of the full schedule (the edit runs ⌊strength·steps⌋ of them).
+    pub steps: Option<u32>,
+    pub guidance_scale: Option<f64>,
+    pub negative_prompt: Option<String>,
+    pub scheduler: Option<SamplerKind>,
+    /// `png`, `jpeg` or `webp`.
+    pub output_format: Option<crate::util::encode::OutputFormat>,
+    /// Steering, as JSON text or in bracket notation.
+    pub steering: Option<String>,
+    /// Reward, as JSON text, a name, or in bracket notation.
+    pub reward: Option<String>,
+    /// Answer with `text/event-stream` (`image_edit.partial_image`, `image_edit.completed`).
+    pub stream: Option<bool>,
+}
+
 /// One Server-Sent Event as it travels: `event` names it, `data` holds its JSON
 /// ([`PartialImageEvent`], [`CompletedImageEvent`], `{"type": "tiller.progress", "step",
 /// "total"}`, `{"type": "error", "error": {...}}`, ...), and `id` numbers it on the job stream

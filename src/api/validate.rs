@@ -187,6 +187,15 @@ pub fn check(
             ),
         ));
     }
+    if info.fixed_size && (height, width) != info.default_size {
+        return Err(ApiError::invalid(
+            "size",
+            format!(
+                "`size` {width}x{height}: model `{}` works at {}x{} only",
+                model.name, info.default_size.1, info.default_size.0
+            ),
+        ));
+    }
     let (max_w, max_h, max_px) = limits.size_limits(info.default_size);
     if width > max_w || height > max_h || width.saturating_mul(height) > max_px {
         return Err(ApiError::invalid(

@@ -173,6 +173,7 @@ impl GaussianMixtureModel {
             latent_channels: c,
             vae_scale_factor: 1,
             default_size: (h, w),
+            fixed_size: true,
             defaults: SamplingDefaults::derive(&scheduler, false, 0),
             scheduler: schedule_config,
             guidance_embedding: false,

@@ -37,6 +37,9 @@ pub struct ModelInfo {
     pub vae_scale_factor: usize,
     /// Default image size (height, width) in pixels.
     pub default_size: (usize, usize),
+    /// The network works at `default_size` only (the analytic test models): other sizes are
+    /// refused as invalid requests instead of failing inside the engine.
+    pub fixed_size: bool,
     /// The noise schedule the model ships with (`scheduler/scheduler_config.json`), by family.
     pub scheduler: ScheduleConfig,
     /// True when the UNet takes the guidance scale as an embedding (LCM-distilled, `time_cond_proj_dim`)

@@ -134,6 +134,7 @@ impl StableDiffusion {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: f,
             default_size: (side, side),
+            fixed_size: false,
             scheduler: schedule,
             guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
             max_prompt_tokens: tokenizer.max_len(),

@@ -33,6 +33,7 @@ impl MockModel {
             latent_channels: 4,
             vae_scale_factor: 8,
             default_size: (64, 64),
+            fixed_size: false,
             defaults: SamplingDefaults::derive(&scheduler, false, 77),
             scheduler: tiller::sampling::ScheduleConfig::Vp(scheduler),
             guidance_embedding: false,
