@@ -12,6 +12,7 @@ pub mod gaussian_mixture;
 pub mod loader;
 pub mod nn;
 pub mod random_init;
+pub mod single_file;
 pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod unet_2d;

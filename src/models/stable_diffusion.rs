@@ -98,17 +98,24 @@ impl StableDiffusion {
 
         let te_dir = component_dir(dir, "text_encoder")?;
         let te_cfg: ClipTextConfig = read_config(&te_dir.join("config.json"))?;
-        let te_w = load_component(&te_dir, "model", variant, dtype, device)?;
-        let text_encoder = in_component(&te_dir, ClipTextModel::load(te_w.var_builder(), &te_cfg))?;
-
         let unet_dir = component_dir(dir, "unet")?;
         let unet_cfg: UNet2DConfig = read_config(&unet_dir.join("config.json"))?;
-        let unet_w = load_component(&unet_dir, "diffusion_pytorch_model", variant, dtype, device)?;
-        let unet = in_component(&unet_dir, UNet2DConditionModel::load(unet_w.var_builder(), &unet_cfg))?;
-
         let vae_dir = component_dir(dir, "vae")?;
         let vae_cfg: AutoencoderKLConfig = read_config(&vae_dir.join("config.json"))?;
-        let vae_w = load_component(&vae_dir, "diffusion_pytorch_model", variant, dtype, device)?;
+        // A published pipeline's weight files, or one original-layout checkpoint beside its configs.
+        let (te_w, unet_w, vae_w) = match super::single_file::find(dir)? {
+            Some(file) => {
+                let (unet, vae, te) = super::single_file::load(&file, &unet_cfg, &vae_cfg, &te_cfg, dtype, device)?;
+                (te, unet, vae)
+            }
+            None => (
+                load_component(&te_dir, "model", variant, dtype, device)?,
+                load_component(&unet_dir, "diffusion_pytorch_model", variant, dtype, device)?,
+                load_component(&vae_dir, "diffusion_pytorch_model", variant, dtype, device)?,
+            ),
+        };
+        let text_encoder = in_component(&te_dir, ClipTextModel::load(te_w.var_builder(), &te_cfg))?;
+        let unet = in_component(&unet_dir, UNet2DConditionModel::load(unet_w.var_builder(), &unet_cfg))?;
         let vae = in_component(&vae_dir, AutoencoderKL::load(vae_w.var_builder(), &vae_cfg))?;
 
         if vae_cfg.latent_channels != unet_cfg.in_channels {
