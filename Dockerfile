@@ -12,10 +12,13 @@
 #   CUDA_VERSION      CUDA image tag prefix (default 13.0.2, the toolkit scripts/build-cuda.sh
 #                     installs from PyPI; keep the two in step)
 #   UBUNTU            ubuntu24.04 (default; the CUDA 13 images)
-#   CUDA_COMPUTE_CAP  GPU compute capability for candle's kernels, e.g. 80 (A100), 89 (L4/4090),
-#                     90 (H100). Required when the build machine has no GPU to detect (the
-#                     usual case with `docker build`).
-#   RUST_VERSION      toolchain installed with rustup (default stable)
+#   CUDA_COMPUTE_CAP  GPU compute capability candle's kernels are compiled for (the build machine
+#                     usually has no GPU to detect). Default 80: the kernels tiller uses are PTX,
+#                     which the driver compiles for the GPU it runs on, so an 80 build runs on
+#                     Ampere (A100, 80/86), Ada (L4/4090, 89) and Hopper (H100, 90) alike; bf16
+#                     needs 80 or later. Set 89 or 90 to target one architecture natively.
+#   RUST_VERSION      toolchain installed with rustup (default 1.95.0, the one CI uses; at least
+#                     1.87, Cargo.toml's rust-version)
 
 ARG VARIANT=cuda
 ARG CUDA_VERSION=13.0.2
@@ -28,8 +31,8 @@ FROM ubuntu:22.04 AS build-cpu
 # ---- build ----------------------------------------------------------------------------------
 FROM build-${VARIANT} AS build
 ARG VARIANT
-ARG RUST_VERSION=stable
-ARG CUDA_COMPUTE_CAP=90
+ARG RUST_VERSION=1.95.0
+ARG CUDA_COMPUTE_CAP=80
 ENV DEBIAN_FRONTEND=noninteractive \
     RUSTUP_HOME=/usr/local/rustup \
     CARGO_HOME=/usr/local/cargo \

@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod bootstrap;
 pub mod cli;
 pub mod config;
 pub mod engine;

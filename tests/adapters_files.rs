@@ -246,7 +246,7 @@ fn sd15() -> PathBuf {
 
 #[test]
 fn lora_argument_splits_at_the_last_numeric_colon() {
-    use tiller::cli::split_lora_arg;
+    use tiller::bootstrap::split_lora_arg;
     assert_eq!(split_lora_arg("pixel-art"), ("pixel-art", None));
     assert_eq!(split_lora_arg("pixel-art:0.8"), ("pixel-art", Some(0.8)));
     assert_eq!(split_lora_arg("a:b/c.safetensors:-1.5"), ("a:b/c.safetensors", Some(-1.5)));

@@ -134,7 +134,7 @@ fn shapes_clip_gradient_matches_finite_differences() {
 
 fn lcm_model() -> Arc<dyn DiffusionModel> {
     let adapters = [String::from("shapes-lcm")];
-    tiller::cli::load_with_loras(
+    tiller::bootstrap::load_with_loras(
         "shapes",
         &repo().join("models/shapes"),
         &Device::Cpu,

@@ -114,7 +114,7 @@ pub struct EvalShapesArgs {
     /// --scheduler lcm --steps 4 --guidance 1`, `--steering '{"method": "fk"}' --reward
     /// shapes_clip` (the report then gives each image's mean reward and the cost per image).
     #[command(flatten)]
-    pub steer: crate::cli::SteerArgs,
+    pub steer: crate::bootstrap::SteerArgs,
     /// Evaluation seed: captions are drawn from it, and caption k (in category order) is generated
     /// with noise seed `seed + k`.
     #[arg(long, default_value_t = 2026)]
@@ -257,7 +257,7 @@ pub fn stream(args: &StreamArgs) -> Result<()> {
 /// `tiller eval shapes --reconstruct`: the VAE round trip of the evaluation scenes.
 fn reconstruct(args: &EvalShapesArgs, scenes: &[Scene]) -> Result<()> {
     let m = args.model.as_deref().ok_or_else(|| TillerError::field("model", "--reconstruct needs --model"))?;
-    let (name, dir) = crate::cli::resolve_model_dir(m, &args.models_dir)?;
+    let (name, dir) = crate::bootstrap::resolve_model_dir(m, &args.models_dir)?;
     let device = args.device.open()?;
     let dtype = args.dtype.check_device(&device)?;
     let opts =
@@ -339,11 +339,17 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
     }
     let model = match (&args.model, args.ground_truth) {
         (Some(m), false) => {
-            let (name, dir) = crate::cli::resolve_model_dir(m, &args.models_dir)?;
+            let (name, dir) = crate::bootstrap::resolve_model_dir(m, &args.models_dir)?;
             let device = args.device.open()?;
             let dtype = args.dtype.check_device(&device)?;
-            let model =
-                crate::cli::load_with_loras(&name, &dir, &device, dtype, &args.steer.lora, &args.steer.adapters_dir)?;
+            let model = crate::bootstrap::load_with_loras(
+                &name,
+                &dir,
+                &device,
+                dtype,
+                &args.steer.lora,
+                &args.steer.adapters_dir,
+            )?;
             let (h, w) = model.info().default_size;
             let probe = params(args, String::new(), args.seed);
             let r = crate::pipeline::resolve_for(model.info(), &probe);
@@ -375,7 +381,7 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
     };
     let steering = match &model {
         Some(m) => {
-            let req = crate::cli::steering_request(
+            let req = crate::bootstrap::steering_request(
                 args.steer.steering.as_deref(),
                 args.steer.reward.as_deref(),
                 false,
@@ -384,7 +390,7 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
                 m.device(),
             )?;
             let probe = params(args, String::new(), args.seed);
-            crate::cli::check_steering_plan(m.as_ref(), &probe, &req.spec, args.steer.config.as_deref())?;
+            crate::bootstrap::check_steering_plan(m.as_ref(), &probe, &req.spec, args.steer.config.as_deref())?;
             req
         }
         None => Default::default(),
