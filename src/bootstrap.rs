@@ -234,9 +234,9 @@ pub fn steering_request(
             .map_err(|e| TillerError::Other(anyhow::anyhow!("--steering: {}", e.message)))?,
         None => SteeringSpec::None,
     };
-    spec.validate(&SteeringLimits::unlimited()).map_err(|(f, m)| TillerError::field(f, m))?;
+    spec.validate(&SteeringLimits::unlimited())?;
     let to_err = |e: RewardError| match e {
-        RewardError::Invalid { field, message } => TillerError::field(field, message),
+        RewardError::Invalid(f) => TillerError::InvalidField(f),
         other => TillerError::field("reward", other.to_string()),
     };
     let reward = match reward {

@@ -226,7 +226,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         true
     };
     let gen = crate::steering::generate(model.as_ref(), &params, &steering, &mut progress).map_err(|e| match e {
-        crate::pipeline::GenerationError::InvalidInput { field, message } => TillerError::field(field, message),
+        crate::pipeline::GenerationError::InvalidInput(f) => TillerError::InvalidField(f),
         other => TillerError::Other(anyhow::anyhow!("generation failed: {other}")),
     })?;
     bar.finish_and_clear();

@@ -22,7 +22,7 @@ fn random_images(n: usize, h: usize, w: usize, seed: u64) -> Tensor {
 
 fn invalid_field<T: std::fmt::Debug>(r: RewardResult<T>) -> String {
     match r {
-        Err(RewardError::Invalid { field, .. }) => field,
+        Err(RewardError::Invalid(e)) => e.field,
         other => panic!("expected RewardError::Invalid, got {other:?}"),
     }
 }

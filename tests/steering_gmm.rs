@@ -203,7 +203,9 @@ fn deterministic_samplers_are_rejected_for_fk_and_svdd() {
     };
     for spec in [fk(4, 1.0, Potential::Diff, 5), SteeringSpec::Svdd(SvddSpec { candidates: 4, alpha: 0.0 })] {
         match run(&ctx, &spec, &mut |_| true) {
-            Err(tiller::pipeline::GenerationError::InvalidInput { field, message }) => {
+            Err(tiller::pipeline::GenerationError::InvalidInput(tiller::error::FieldError {
+                field, message, ..
+            })) => {
                 assert_eq!(field, "scheduler");
                 assert!(message.contains("stochastic"), "{message}");
             }
@@ -310,7 +312,7 @@ fn fk_refuses_schedules_that_cannot_diverge_or_name_no_step() {
     let err = tiller::steering::check_plan(&spec, s.as_ref(), 4).unwrap_err();
     assert!(matches!(err, tiller::steering::PlanError::NeedsNoise { method: "fk" }), "{err:?}");
     match run(&ctx_with(&m, s.as_ref(), &reward, vec![1]), &spec, &mut |_| true) {
-        Err(tiller::pipeline::GenerationError::InvalidInput { field, .. }) => assert_eq!(field, "scheduler"),
+        Err(tiller::pipeline::GenerationError::InvalidInput(e)) => assert_eq!(e.field, "scheduler"),
         other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
     }
     // The default schedule on the same sampler is empty: terminal selection only, refused as well

@@ -171,7 +171,7 @@ fn reno_refuses_a_non_differentiable_reward() {
     let r = JpegReward::compressibility();
     let c = ctx(&m, s.as_ref(), &r, vec![1], 1.0);
     match run(&c, &SteeringSpec::Reno(RenoSpec::default()), &mut |_| true) {
-        Err(GenerationError::InvalidInput { field, message }) => {
+        Err(GenerationError::InvalidInput(tiller::error::FieldError { field, message, .. })) => {
             assert_eq!(field, "reward");
             assert!(message.contains("differentiable"), "{message}");
         }

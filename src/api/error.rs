@@ -46,7 +46,7 @@ impl ApiError {
     /// 400 naming the field (OpenAI answers every invalid parameter with 400
     /// `invalid_request_error`, which its client raises as `BadRequestError`).
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_value", message).with_param(param)
+        Self::from(crate::error::FieldError::invalid(param, message))
     }
 
     pub fn model_not_found(name: &str) -> Self {
@@ -111,7 +111,7 @@ impl From<crate::util::json::FieldError> for ApiError {
     fn from(e: crate::util::json::FieldError) -> Self {
         let message = match e.kind {
             crate::util::json::FieldErrorKind::Syntax => format!("The request body is {}", e.message),
-            _ => e.message,
+            _ => e.text(),
         };
         let err = Self::new(StatusCode::BAD_REQUEST, e.kind.code(), message);
         if e.field.is_empty() {

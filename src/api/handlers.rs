@@ -54,7 +54,7 @@ pub(crate) fn submit_error(e: SubmitError, engine: &crate::engine::Engine) -> Ap
 
 pub(crate) fn job_error(e: JobError) -> ApiError {
     match e {
-        JobError::Invalid { field, message } => ApiError::invalid(&field, message),
+        JobError::Invalid(f) => ApiError::from(f),
         JobError::Upstream(msg) => {
             ApiError::new(StatusCode::BAD_GATEWAY, "reward_upstream_error", msg).with_param("reward")
         }

@@ -63,7 +63,7 @@ pub fn check_adapters(refs: &[AdapterRef], registry: &AdapterRegistry) -> Result
 
 fn reward_error(e: RewardError) -> ApiError {
     match e {
-        RewardError::Invalid { field, message } => ApiError::invalid(&field, message),
+        RewardError::Invalid(f) => ApiError::from(f),
         other => ApiError::invalid("reward", other.to_string()),
     }
 }
@@ -235,9 +235,7 @@ pub fn check(
     let steps = req.steps.map(|s| s as usize).unwrap_or(1);
     if let Err(e) = crate::sampling::check_for(scheduler, &info.scheduler, steps, req.eta.unwrap_or(0.0)) {
         return Err(match e {
-            crate::error::TillerError::InvalidField { field, message } => {
-                ApiError::invalid(&field, format!("`{field}`: {message}"))
-            }
+            crate::error::TillerError::InvalidField(f) => ApiError::from(f),
             other => ApiError::invalid("scheduler", other.to_string()),
         });
     }
@@ -311,7 +309,7 @@ fn check_steering(
         max_reno_iterations: limits.max_reno_iterations,
         max_reno_steps: limits.max_reno_steps,
     };
-    spec.validate(&lim).map_err(|(field, message)| ApiError::invalid(&field, format!("`{field}` {message}")))?;
+    spec.validate(&lim)?;
     let method = spec.method();
     let reward = match reward {
         Some(r) => Some(rewards.build(&r).map_err(reward_error)?),

@@ -195,8 +195,8 @@ pub enum JobError {
     #[error("the job was cancelled")]
     Cancelled,
     /// The job's parameters were rejected by the pipeline (e.g. init_latents shape).
-    #[error("invalid value for `{field}`: {message}")]
-    Invalid { field: String, message: String },
+    #[error("invalid value for {0}")]
+    Invalid(crate::error::FieldError),
     #[error("generation failed: {0}")]
     Failed(String),
     /// An external reward scorer failed (502).
@@ -804,11 +804,11 @@ fn run_job(inner: &Arc<Inner>, w: Waiting, bytes: u64) {
             ("cancelled", JobEvent::Cancelled)
         }
         Err(JobEnd::Error(e)) => {
-            if !matches!(e, JobError::Invalid { .. }) {
+            if !matches!(e, JobError::Invalid(_)) {
                 c.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("job {} on `{label}` failed: {e}", handle.id);
             }
-            (if matches!(e, JobError::Invalid { .. }) { "invalid" } else { "failed" }, JobEvent::Failed(e))
+            (if matches!(e, JobError::Invalid(_)) { "invalid" } else { "failed" }, JobEvent::Failed(e))
         }
         Err(JobEnd::Panic(msg)) => {
             c.failed.fetch_add(1, Ordering::Relaxed);
@@ -851,9 +851,9 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
     let steps = crate::steering::resolve(w.model.info(), &job.params, &job.steering.spec).steps;
     let (variant_model, variant) = {
         let mut cache = inner.variants.lock().unwrap();
-        cache
-            .get_for_steps(&w.model_name, &w.model, &job.adapters, Some(steps))
-            .map_err(|e| JobEnd::Error(JobError::Invalid { field: "adapters".into(), message: e.to_string() }))?
+        cache.get_for_steps(&w.model_name, &w.model, &job.adapters, Some(steps)).map_err(|e| {
+            JobEnd::Error(JobError::Invalid(crate::error::FieldError::invalid("adapters", e.to_string())))
+        })?
     };
     if let Some(v) = &variant {
         metrics::histogram!(m::ADAPTER_VARIANT_SECONDS, "cached" => if v.cached { "true" } else { "false" })
@@ -959,9 +959,9 @@ fn preview(
 fn job_error(e: GenerationError) -> JobError {
     match e {
         GenerationError::Cancelled(_) => JobError::Cancelled,
-        GenerationError::InvalidInput { field, message } => JobError::Invalid { field: field.to_string(), message },
+        GenerationError::InvalidInput(f) => JobError::Invalid(f),
         GenerationError::Reward(e) => match e {
-            RewardError::Invalid { field, message } => JobError::Invalid { field, message },
+            RewardError::Invalid(f) => JobError::Invalid(f),
             RewardError::Upstream { .. } => JobError::Upstream(e.to_string()),
             RewardError::Timeout { .. } => JobError::UpstreamTimeout(e.to_string()),
             RewardError::Candle(e) => JobError::Failed(e.to_string()),

@@ -100,7 +100,7 @@ impl GaussianMixtureModel {
         let text = std::fs::read_to_string(&path).map_err(|e| TillerError::file(&path, e.to_string()))?;
         let cfg: GmmConfig = serde_json::from_str(&text).map_err(|e| TillerError::file(&path, e.to_string()))?;
         Self::from_config(name, &cfg, device).map_err(|e| match e {
-            TillerError::InvalidField { field, message } => TillerError::file(&path, format!("`{field}`: {message}")),
+            TillerError::InvalidField(f) => TillerError::file(&path, f.text()),
             other => other,
         })
     }

@@ -113,8 +113,8 @@ pub enum GenerationError {
     #[error(transparent)]
     Reward(#[from] crate::reward::RewardError),
     /// The request itself is inconsistent (shapes, sizes): a client error, not a failure.
-    #[error("invalid value for `{field}`: {message}")]
-    InvalidInput { field: &'static str, message: String },
+    #[error("invalid value for {0}")]
+    InvalidInput(crate::error::FieldError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -291,7 +291,7 @@ pub fn generate_with_noise(
     let params = resolve(model, p);
     let device = model.device().clone();
     let shape = latent_shape(model, n, params.height, params.width)
-        .map_err(|e| GenerationError::InvalidInput { field: "size", message: e.to_string() })?;
+        .map_err(|e| GenerationError::InvalidInput(crate::error::FieldError::invalid("size", e.to_string())))?;
     // The initial noise is always drawn first, even when replaced, so the step noise that
     // follows is the same as in the seed-only run: (seed, init_latents drawn from that seed)
     // replays it exactly, for stochastic samplers too.
@@ -299,10 +299,10 @@ pub fn generate_with_noise(
     let init = match &p.init_latents {
         Some(t) => {
             if t.dims() != [shape.0, shape.1, shape.2, shape.3] {
-                return Err(GenerationError::InvalidInput {
-                    field: "init_latents",
-                    message: format!("shape {:?} does not match the requested image: expected {:?}", t.dims(), shape),
-                });
+                return Err(GenerationError::InvalidInput(crate::error::FieldError::invalid(
+                    "init_latents",
+                    format!("shape {:?} does not match the requested image: expected {:?}", t.dims(), shape),
+                )));
             }
             t.to_dtype(DType::F32)?.to_device(&device)?
         }

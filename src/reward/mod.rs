@@ -24,8 +24,8 @@ use candle_core::{DType, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum RewardError {
     /// The request named a reward badly (unknown name, missing parameter): a 4xx.
-    #[error("invalid value for `{field}`: {message}")]
-    Invalid { field: String, message: String },
+    #[error("invalid value for {0}")]
+    Invalid(crate::error::FieldError),
     /// An external scorer answered badly (connection refused, non-2xx, malformed body): a 502.
     #[error("reward `{reward}`: upstream scorer failed: {message}")]
     Upstream { reward: String, message: String },
@@ -38,7 +38,7 @@ pub enum RewardError {
 
 impl RewardError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        RewardError::Invalid { field: field.into(), message: message.into() }
+        RewardError::Invalid(crate::error::FieldError::invalid(field, message))
     }
 }
 

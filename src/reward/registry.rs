@@ -88,7 +88,7 @@ impl RewardConfig {
             return Err(TillerError::field(field(k), format!("not used by reward kind `{}`", self.kind)));
         }
         let renamed = |e: RewardError, k: &str| match e {
-            RewardError::Invalid { message, .. } => TillerError::field(field(k), message),
+            RewardError::Invalid(f) => TillerError::field(field(k), f.message),
             other => TillerError::field(field(k), other.to_string()),
         };
         if let Some(target) = &self.target {

@@ -409,9 +409,7 @@ pub fn eval_shapes(args: &EvalShapesArgs) -> Result<()> {
                 let p = params(args, scene.caption.clone(), seed);
                 let out = crate::steering::generate(m.as_ref(), &p, &steering, &mut |_: Progress| true).map_err(
                     |e| match e {
-                        crate::pipeline::GenerationError::InvalidInput { field, message } => {
-                            TillerError::field(field, message)
-                        }
+                        crate::pipeline::GenerationError::InvalidInput(f) => TillerError::InvalidField(f),
                         other => TillerError::Other(anyhow::anyhow!("generation failed: {other}")),
                     },
                 )?;

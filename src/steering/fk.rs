@@ -129,8 +129,8 @@ pub struct FkSpec {
 }
 
 impl FkSpec {
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |f: &str, m: String| Err((f.to_string(), m));
+    pub fn validate(&self) -> Result<(), crate::error::FieldError> {
+        let err = |f: &str, m: String| Err(crate::error::FieldError::invalid(f, m));
         if !(self.beta.is_finite() && (0.0..=MAX_BETA).contains(&self.beta)) {
             return err("beta", format!("must be a number in [0, {MAX_BETA:e}], got {}", self.beta));
         }
@@ -409,6 +409,6 @@ mod tests {
             assert!(p[0] > p[1], "{kind:?}: {p:?}");
         }
         let too_big = FkSpec { beta: 1e7, ..serde_json::from_str("{}").unwrap() };
-        assert_eq!(too_big.validate().unwrap_err().0, "beta");
+        assert_eq!(too_big.validate().unwrap_err().field, "beta");
     }
 }

@@ -126,8 +126,8 @@ impl SteeringSpec {
     }
 
     /// Check the spec's own numbers; errors name the field (`steering.particles`, ...).
-    pub fn validate(&self, limits: &SteeringLimits) -> Result<(), (String, String)> {
-        let field = |f: &str, m: String| Err((format!("steering.{f}"), m));
+    pub fn validate(&self, limits: &SteeringLimits) -> Result<(), crate::error::FieldError> {
+        let field = |f: &str, m: String| Err(crate::error::FieldError::invalid(format!("steering.{f}"), m));
         let count = |f: &str, v: usize| {
             if v == 0 || v > limits.max_particles {
                 field(f, format!("must be in [1, {}] (limits.max_particles), got {v}", limits.max_particles))
@@ -140,11 +140,11 @@ impl SteeringSpec {
             SteeringSpec::BestOfN(s) => count("n", s.n),
             SteeringSpec::Fk(s) => {
                 count("particles", s.particles)?;
-                s.validate().or_else(|(f, m)| field(&f, m))
+                s.validate().map_err(|e| e.within("steering"))
             }
             SteeringSpec::Svdd(s) => {
                 count("candidates", s.candidates)?;
-                s.validate().or_else(|(f, m)| field(&f, m))
+                s.validate().map_err(|e| e.within("steering"))
             }
             SteeringSpec::Reno(s) => {
                 if s.iterations == 0 || s.iterations > limits.max_reno_iterations {
@@ -156,7 +156,7 @@ impl SteeringSpec {
                         ),
                     );
                 }
-                s.validate().or_else(|(f, m)| field(&f, m))
+                s.validate().map_err(|e| e.within("steering"))
             }
         }
     }
@@ -360,7 +360,9 @@ pub fn run(
     spec: &SteeringSpec,
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Steered, GenerationError> {
-    let invalid = |field: &'static str, message: String| GenerationError::InvalidInput { field, message };
+    let invalid = |field: &'static str, message: String| {
+        GenerationError::InvalidInput(crate::error::FieldError::invalid(field, message))
+    };
     if spec.needs_reward() && ctx.reward.is_none() {
         return Err(invalid("reward", format!("steering method `{}` needs a reward", spec.method())));
     }
@@ -455,14 +457,10 @@ impl<'a, 'c> Runner<'a, 'c> {
         let unit = match &self.ctx.init_latents {
             Some(t) if per_group == 1 => {
                 if t.dims() != drawn.dims() {
-                    return Err(GenerationError::InvalidInput {
-                        field: "init_latents",
-                        message: format!(
-                            "shape {:?} does not match the requested image: expected {:?}",
-                            t.dims(),
-                            drawn.dims()
-                        ),
-                    });
+                    return Err(GenerationError::InvalidInput(crate::error::FieldError::invalid(
+                        "init_latents",
+                        format!("shape {:?} does not match the requested image: expected {:?}", t.dims(), drawn.dims()),
+                    )));
                 }
                 t.to_dtype(candle_core::DType::F32)?.to_device(self.ctx.model.device())?
             }
@@ -690,14 +688,15 @@ pub fn generate(
     let n = p.n.max(1);
     let params = resolve(model.info(), p, &req.spec);
     let (_, c, h, w) = crate::pipeline::latent_shape(model, n, params.height, params.width)
-        .map_err(|e| GenerationError::InvalidInput { field: "size", message: e.to_string() })?;
+        .map_err(|e| GenerationError::InvalidInput(crate::error::FieldError::invalid("size", e.to_string())))?;
     let mut sampler = crate::sampling::build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
     if let Some(edit) = &p.edit {
-        let start =
-            crate::sampling::edit_start(params.steps, edit.strength).ok_or_else(|| GenerationError::InvalidInput {
-                field: "strength",
-                message: format!("strength {} × {} steps leaves no step to run", edit.strength, params.steps),
-            })?;
+        let start = crate::sampling::edit_start(params.steps, edit.strength).ok_or_else(|| {
+            GenerationError::InvalidInput(crate::error::FieldError::invalid(
+                "strength",
+                format!("strength {} × {} steps leaves no step to run", edit.strength, params.steps),
+            ))
+        })?;
         sampler = Box::new(crate::sampling::FromStep::new(sampler, start));
     }
     let seeds: Vec<u64> = (0..n as u64).map(|i| p.seed.wrapping_add(i)).collect();

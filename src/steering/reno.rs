@@ -98,8 +98,8 @@ impl RenoSpec {
         })
     }
 
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |f: &str, m: String| Err((f.to_string(), m));
+    pub fn validate(&self) -> Result<(), crate::error::FieldError> {
+        let err = |f: &str, m: String| Err(crate::error::FieldError::invalid(f, m));
         if let Some(lr) = self.lr {
             if !(lr.is_finite() && lr > 0.0) {
                 return err("lr", format!("must be positive, got {lr}"));
@@ -169,7 +169,8 @@ fn prepare(r: &mut Runner) -> Result<(crate::pipeline::Conditioning, Tensor, Vec
 /// noise, (n, C, h, w)); the same function ReNO ascends. Tests compare its gradient with finite
 /// differences.
 pub fn reward_of_noise(ctx: &SteerContext, eps: &Tensor) -> Result<Tensor, GenerationError> {
-    let reward = ctx.reward.ok_or(GenerationError::InvalidInput { field: "reward", message: "missing".into() })?;
+    let reward =
+        ctx.reward.ok_or(GenerationError::InvalidInput(crate::error::FieldError::invalid("reward", "missing")))?;
     let mut r = Runner::new(ctx);
     let (cond, _, step_noise) = prepare(&mut r)?;
     let mut gen = Generator { runner: &mut r, cond, step_noise };
@@ -235,13 +236,13 @@ pub fn run(
 ) -> Result<Steered, GenerationError> {
     let reward = ctx.reward.expect("checked in run()");
     if !reward.differentiable() {
-        return Err(GenerationError::InvalidInput {
-            field: "reward",
-            message: format!(
+        return Err(GenerationError::InvalidInput(crate::error::FieldError::invalid(
+            "reward",
+            format!(
                 "ReNO needs a differentiable reward; `{}` is not (use e.g. brightness, color, clip_score, aesthetic)",
                 reward.name()
             ),
-        });
+        )));
     }
     let mut r = Runner::new(ctx);
     let groups = r.groups();

@@ -34,9 +34,12 @@ pub struct SvddSpec {
 }
 
 impl SvddSpec {
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), crate::error::FieldError> {
         if !self.alpha.is_finite() || self.alpha < 0.0 {
-            return Err(("alpha".into(), format!("must be a finite number ≥ 0, got {}", self.alpha)));
+            return Err(crate::error::FieldError::invalid(
+                "alpha",
+                format!("must be a finite number ≥ 0, got {}", self.alpha),
+            ));
         }
         Ok(())
     }

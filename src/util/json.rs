@@ -3,105 +3,50 @@
 //! `serde_path_to_error` tracks the path through structs, maps and sequences, but not into the
 //! enums that serde buffers first (internally tagged and untagged: `steering`, `reward`). Their
 //! hand-written `Deserialize` impls parse their inner struct with [`nested`], which reports an
-//! inner path inside the message as ``at `particles`: <message>``; [`FieldError::from_path`]
-//! joins it onto the outer path. Everything that parses request JSON goes through
+//! inner path inside the message as ``at `particles`: <message>``; `from_path` joins it onto
+//! the outer path. Everything that parses request JSON goes through
 //! [`parse_slice`] or [`parse_value`], so the joined path is the only one anyone sees.
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// What went wrong with a JSON document, and where.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FieldError {
-    /// Path of the field at fault (`steering.particles`, `adapters[0].name`); empty for the
-    /// document itself.
-    pub field: String,
-    pub kind: FieldErrorKind,
-    /// Readable explanation, naming the field.
-    pub message: String,
-}
+pub use crate::error::{FieldError, FieldErrorKind};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FieldErrorKind {
-    /// Not JSON at all (syntax error, truncated).
-    Syntax,
-    /// A key the type does not have.
-    Unknown,
-    /// A required key is absent.
-    Missing,
-    /// A value of the wrong JSON type.
-    WrongType,
-    /// The right type, a value outside what is allowed.
-    InvalidValue,
-}
-
-impl FieldErrorKind {
-    /// The OpenAI-style error `code`.
-    pub fn code(self) -> &'static str {
-        match self {
-            Self::Syntax => "invalid_json",
-            Self::Unknown => "unknown_parameter",
-            Self::Missing => "missing_required_parameter",
-            Self::WrongType => "invalid_type",
-            Self::InvalidValue => "invalid_value",
-        }
+/// Build a field error from the path serde_path_to_error reports and serde's message.
+fn from_path(path: &serde_path_to_error::Path, message: &str) -> FieldError {
+    let mut field = path_string(path);
+    let mut message = message.to_string();
+    // Inner paths reported by `nested` (possibly several levels deep).
+    while let Some((inner, rest)) = split_nested(&message) {
+        field = join(&field, &inner);
+        message = rest;
     }
-}
-
-impl std::fmt::Display for FieldError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for FieldError {}
-
-impl FieldError {
-    /// A value outside what is allowed.
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), kind: FieldErrorKind::InvalidValue, message: message.into() }
-    }
-
-    /// Build from the path serde_path_to_error reports and serde's message.
-    fn from_path(path: &serde_path_to_error::Path, message: &str) -> Self {
-        let mut field = path_string(path);
-        let mut message = message.to_string();
-        // Inner paths reported by `nested` (possibly several levels deep).
-        while let Some((inner, rest)) = split_nested(&message) {
-            field = join(&field, &inner);
-            message = rest;
-        }
-        let kind = if message.starts_with("unknown field") || message.starts_with("unknown variant") {
-            if message.starts_with("unknown variant") {
-                FieldErrorKind::InvalidValue
-            } else {
-                FieldErrorKind::Unknown
-            }
-        } else if message.starts_with("missing field") {
-            FieldErrorKind::Missing
-        } else if message.starts_with("invalid type") {
-            FieldErrorKind::WrongType
-        } else {
-            FieldErrorKind::InvalidValue
-        };
-        if kind == FieldErrorKind::Unknown {
-            // serde reports the unknown key's container; name the key itself.
-            if let Some(key) = backticked(&message) {
-                if !field.ends_with(&format!(".{key}")) && field != key {
-                    field = join(&field, &key);
-                }
+    let kind = if message.starts_with("unknown field") {
+        FieldErrorKind::Unknown
+    } else if message.starts_with("missing field") {
+        FieldErrorKind::Missing
+    } else if message.starts_with("invalid type") {
+        FieldErrorKind::WrongType
+    } else {
+        FieldErrorKind::InvalidValue
+    };
+    if kind == FieldErrorKind::Unknown {
+        // serde reports the unknown key's container; name the key itself.
+        if let Some(key) = backticked(&message) {
+            if !field.ends_with(&format!(".{key}")) && field != key {
+                field = join(&field, &key);
             }
         }
-        if kind == FieldErrorKind::Missing {
-            if let Some(key) = backticked(&message) {
-                if !field.ends_with(&format!(".{key}")) && field != key {
-                    field = join(&field, &key);
-                }
+    }
+    if kind == FieldErrorKind::Missing {
+        if let Some(key) = backticked(&message) {
+            if !field.ends_with(&format!(".{key}")) && field != key {
+                field = join(&field, &key);
             }
         }
-        let message = if field.is_empty() { message } else { format!("`{field}`: {message}") };
-        Self { field, kind, message }
     }
+    let message = if field.is_empty() { message } else { format!("`{field}`: {message}") };
+    FieldError { field, kind, message }
 }
 
 /// `a` + `b` as a field path: `steering` + `particles` = `steering.particles`,
@@ -186,12 +131,12 @@ pub fn parse_as_field<T: DeserializeOwned>(field: &str, bytes: &[u8]) -> Result<
 
 /// Parse a JSON value as `T`, naming the field at fault.
 pub fn parse_value<T: DeserializeOwned>(value: Value) -> Result<T, FieldError> {
-    serde_path_to_error::deserialize(value).map_err(|e| FieldError::from_path(e.path(), &e.inner().to_string()))
+    serde_path_to_error::deserialize(value).map_err(|e| from_path(e.path(), &e.inner().to_string()))
 }
 
 /// For hand-written `Deserialize` impls of buffered enums: parse `value` as `T` and, on failure,
 /// report the inner path (`prefix` + what serde found) inside the message, for
-/// [`FieldError::from_path`] to join onto the outer one.
+/// `from_path` to join onto the outer one.
 pub fn nested<T: DeserializeOwned, E: serde::de::Error>(value: Value, prefix: &str) -> Result<T, E> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = join(prefix, &path_string(e.path()));
