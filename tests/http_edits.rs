@@ -225,3 +225,58 @@ async fn bad_forms_are_400s_naming_the_field() {
     let body: Value = r.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("multipart/form-data"), "{body}");
 }
+
+/// A server on the sd15 fixtures: the 4-channel model and the 9-channel inpainting one.
+async fn fixture_server() -> TestServer {
+    let engine = Engine::start(
+        Box::new(|| {
+            ["sd15-tiny", "sd15-inpaint-tiny"]
+                .iter()
+                .map(|name| {
+                    tiller::models::loader::load_model(
+                        name,
+                        &fixture_dir(name),
+                        &candle_core::Device::Cpu,
+                        candle_core::DType::F32,
+                    )
+                    .map(|m| LoadedModel::new(name.to_string(), m))
+                    .map_err(|e| e.to_string())
+                })
+                .collect::<Result<Vec<_>, String>>()
+        }),
+        EngineOptions { queue_depth: 4, default_model: Some("sd15-tiny".into()), ..Default::default() },
+    );
+    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(60)), EngineState::Ready);
+    start(engine, &Config::default()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inpainting_unet_edits_with_a_mask_and_refuses_everything_else() {
+    let s = fixture_server().await;
+    let img16 = || {
+        let rgb: Vec<u8> = (0..16u32 * 16).flat_map(|i| [(i * 7 % 256) as u8, (i * 3 % 256) as u8, 90]).collect();
+        png_part(tiller::util::encode::encode_rgb(&rgb, 16, 16).unwrap())
+    };
+    let mask16 = || {
+        let rgb: Vec<u8> = (0..16u32 * 16).flat_map(|i| if i % 16 < 8 { [255u8; 3] } else { [0u8; 3] }).collect();
+        png_part(tiller::util::encode::encode_rgb(&rgb, 16, 16).unwrap())
+    };
+    for model in ["sd15-tiny", "sd15-inpaint-tiny"] {
+        let form = Form::new()
+            .part("image", img16())
+            .part("mask", mask16())
+            .text("prompt", "a red circle")
+            .text("model", model)
+            .text("steps", "4")
+            .text("seed", "1");
+        let (st, body) = edit(&s, form).await;
+        assert_eq!(st, 200, "{model}: {body}");
+        assert_eq!(body["data"][0]["tiller"]["model"], model);
+    }
+    // Without a mask, or as a text-to-image request, the inpainting model has nothing to do.
+    let form = Form::new().part("image", img16()).text("prompt", "x").text("model", "sd15-inpaint-tiny");
+    let (st, body) = edit(&s, form).await;
+    assert_error(st, &body, 400, Some("mask"));
+    let (st, body) = s.generate(serde_json::json!({"prompt": "x", "model": "sd15-inpaint-tiny"})).await;
+    assert_error(st, &body, 400, Some("model"));
+}

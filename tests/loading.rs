@@ -41,13 +41,15 @@ fn load_err(dir: &Path) -> String {
 fn every_fixture_layout_loads_and_is_discovered() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let found: Vec<String> = discover_models(&root).unwrap().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(found, ["lcm-tiny", "sd15-tiny", "sd2-tiny", "turbo-tiny"]);
+    assert_eq!(found, ["lcm-tiny", "sd15-inpaint-tiny", "sd15-tiny", "sd2-tiny", "turbo-tiny"]);
     for name in &found {
         let m = load_model(name, &root.join(name), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(m.info().latent_channels, 4);
         assert_eq!(m.info().vae_scale_factor, 2);
         assert_eq!(m.info().default_size, (16, 16));
         assert_eq!(m.info().guidance_embedding, name == "lcm-tiny");
+        // The 9-channel UNet of the inpainting pipeline.
+        assert_eq!(m.info().inpainting, name == "sd15-inpaint-tiny");
     }
 }
 

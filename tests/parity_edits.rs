@@ -38,7 +38,8 @@ fn run_case(stem: &str) {
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap()).unwrap();
     let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, clip_skip: 0 };
-    let model = StableDiffusion::load("sd15-tiny", &fixtures().join("models/sd15-tiny"), &opts).unwrap();
+    let name = json["model"].as_str().unwrap();
+    let model = StableDiffusion::load(name, &fixtures().join("models").join(name), &opts).unwrap();
     let cfg: SchedulerConfig = serde_json::from_value(json["scheduler_config"].clone()).unwrap();
     let kind = match json["scheduler"].as_str().unwrap() {
         "DDIMScheduler" => SamplerKind::Ddim,
@@ -59,7 +60,15 @@ fn run_case(stem: &str) {
     }
 
     let input = EditInput { image: t["image"].clone(), mask: t.get("mask").cloned(), strength };
-    let latents = edit::encode(&model, &input, &t["vae_0"]).unwrap();
+    // The draws by source: the image's posterior sample comes before the starting noise; the
+    // masked image's (inpainting UNets) after it. At strength 1 the 9-channel pipeline never
+    // samples the image (it starts from noise alone), so any tensor stands in for it.
+    let draws: Vec<&str> = json["draws"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    let noise_at = draws.iter().position(|d| *d == "noise_0").unwrap();
+    let eps_image = if noise_at > 0 { t[draws[noise_at - 1]].clone() } else { t["noise_0"].zeros_like().unwrap() };
+    let eps_masked = draws[noise_at + 1..].iter().find(|d| d.starts_with("vae")).map(|d| t[*d].clone());
+    let eps_masked = if model.info().inpainting { eps_masked } else { None };
+    let latents = edit::encode(&model, &input, &eps_image, eps_masked.as_ref()).unwrap();
     let noise = &t["noise_0"];
     let guidance = json["guidance_scale"].as_f64().unwrap();
     let cond =
@@ -69,7 +78,7 @@ fn run_case(stem: &str) {
     let mut k = 0;
     for i in 0..sampler.num_steps() {
         let x_in = sampler.scale_model_input(&x, i).unwrap();
-        let out = cond.predict(&model, &x_in, sampler.timestep(i)).unwrap();
+        let out = cond.predict_with(&model, &x_in, sampler.timestep(i), latents.unet_input.as_ref()).unwrap();
         let z = sampler.step_needs_noise(i).then(|| {
             k += 1;
             t[&format!("step_{}", k - 1)].clone()
@@ -93,6 +102,13 @@ fn img2img_matches_diffusers() {
 #[test]
 fn inpainting_matches_diffusers() {
     for case in ["inpaint_ddim_full", "inpaint_euler", "inpaint_ddpm"] {
+        run_case(&format!("edit_{case}"));
+    }
+}
+
+#[test]
+fn the_inpainting_unet_matches_diffusers() {
+    for case in ["inpaint9_ddim_full", "inpaint9_euler"] {
         run_case(&format!("edit_{case}"));
     }
 }

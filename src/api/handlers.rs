@@ -108,11 +108,23 @@ pub(crate) fn prepare_parsed(
     *label = Some(model.name.clone());
     let stream = req.stream.unwrap_or(false);
     let stream_progress = req.stream_progress.unwrap_or(false);
+    let inpainting_only = |param: &str, what: &str| {
+        ApiError::invalid(
+            param,
+            format!("`{}` is an inpainting model: it edits an image where a mask says; {what}", model.name),
+        )
+    };
+    if model.info.inpainting && edit.is_none() {
+        return Err(inpainting_only("model", "use /v1/images/edits with an `image` and a `mask`"));
+    }
     let decoded = match &edit {
         None => None,
         Some(form) => {
             let size = req.size.as_deref().map(validate::parse_size).transpose()?.flatten();
             let d = form.decode(model.info.vae_scale_factor.max(1), size)?;
+            if model.info.inpainting && d.input.mask.is_none() {
+                return Err(inpainting_only("mask", "send a `mask` (or an image with transparency)"));
+            }
             // The image's own size unless the request names one; checked like any size.
             req.size = Some(format!("{}x{}", d.width, d.height));
             Some(d)

@@ -174,6 +174,7 @@ impl GaussianMixtureModel {
             vae_scale_factor: 1,
             default_size: (h, w),
             fixed_size: true,
+            inpainting: false,
             defaults: SamplingDefaults::derive(&scheduler, false, 0),
             scheduler: schedule_config,
             guidance_embedding: false,

@@ -41,6 +41,9 @@ pub struct ModelInfo {
     /// The network works at `default_size` only (the analytic test models): other sizes are
     /// refused as invalid requests instead of failing inside the engine.
     pub fixed_size: bool,
+    /// The UNet takes the mask and the masked image's latents as extra input channels (the
+    /// 9-channel inpainting checkpoints): it only edits, with a mask.
+    pub inpainting: bool,
     /// The noise schedule the model ships with (`scheduler/scheduler_config.json`), by family.
     pub scheduler: ScheduleConfig,
     /// True when the UNet takes the guidance scale as an embedding (LCM-distilled, `time_cond_proj_dim`)

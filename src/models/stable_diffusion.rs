@@ -31,6 +31,7 @@ const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusionPipeline",
     "LatentConsistencyModelPipeline",
     "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
     "AltDiffusionPipeline",
 ];
 
@@ -118,12 +119,14 @@ impl StableDiffusion {
         let unet = in_component(&unet_dir, UNet2DConditionModel::load(unet_w.var_builder(), &unet_cfg))?;
         let vae = in_component(&vae_dir, AutoencoderKL::load(vae_w.var_builder(), &vae_cfg))?;
 
-        if vae_cfg.latent_channels != unet_cfg.in_channels {
+        // An inpainting UNet also takes the mask (1 channel) and the masked image's latents.
+        let inpainting = unet_cfg.in_channels == 2 * vae_cfg.latent_channels + 1;
+        if vae_cfg.latent_channels != unet_cfg.in_channels && !inpainting {
             return Err(TillerError::file(
                 unet_dir.join("config.json"),
                 format!(
-                    "in_channels {} does not match the VAE's latent_channels {}",
-                    unet_cfg.in_channels, vae_cfg.latent_channels
+                    "in_channels {} does not match the VAE's latent_channels {} (nor 2 × {} + 1, an inpainting UNet)",
+                    unet_cfg.in_channels, vae_cfg.latent_channels, vae_cfg.latent_channels
                 ),
             ));
         }
@@ -142,6 +145,7 @@ impl StableDiffusion {
             vae_scale_factor: f,
             default_size: (side, side),
             fixed_size: false,
+            inpainting,
             scheduler: schedule,
             guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
             max_prompt_tokens: tokenizer.max_len(),

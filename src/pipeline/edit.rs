@@ -1,10 +1,13 @@
 //! Image edits: img2img (sampling starts from the input image noised to the first step run)
-//! and inpainting by latent blending (after every step the region to keep is reset to the input
-//! image noised to the next step), as diffusers' `StableDiffusionImg2ImgPipeline` and
-//! `StableDiffusionInpaintPipeline` (4-channel UNet) do.
+//! and inpainting, as diffusers' `StableDiffusionImg2ImgPipeline` and
+//! `StableDiffusionInpaintPipeline` do: with a standard UNet by latent blending (after every
+//! step the region to keep is reset to the input image noised to the next step), with a
+//! 9-channel inpainting UNet by giving it the mask and the masked image's latents as extra input
+//! channels at every step (no blending).
 //!
 //! Randomness, per image: the starting noise is drawn first (as for text-to-image), then the
-//! VAE posterior sample `ε_vae` of the input image, then the step noise.
+//! VAE posterior sample `ε_vae` of the input image, then (inpainting UNets) the masked image's,
+//! then the step noise.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -35,8 +38,12 @@ impl EditInput {
 pub struct EditLatents {
     /// The input image's latents, sampled from the VAE posterior: (groups, C, h, w).
     pub image: Tensor,
-    /// Latent mask (1, 1, h, w), 1 = repaint; `None` for img2img.
+    /// Latent mask (1, 1, h, w), 1 = repaint, for blending; `None` for img2img and for
+    /// inpainting UNets.
     pub mask: Option<Tensor>,
+    /// An inpainting UNet's extra input: the latent mask and the masked image's latents,
+    /// (groups, 1 + C, h, w).
+    pub unet_input: Option<Tensor>,
     /// Inpainting at strength 1 starts from noise alone.
     pub from_noise: bool,
 }
@@ -56,15 +63,40 @@ pub fn latent_mask(mask: &Tensor, factor: usize) -> Result<Tensor> {
 }
 
 /// Encode the edit's image once and sample its latents for every group with `eps_vae`
-/// ((groups, C, h, w) standard-normal noise).
-pub fn encode(model: &dyn DiffusionModel, edit: &EditInput, eps_vae: &Tensor) -> Result<EditLatents> {
-    let (mean, std) = model.encode_posterior(&edit.image.to_device(model.device())?)?;
-    let image = mean.broadcast_add(&eps_vae.broadcast_mul(&std)?)?;
+/// ((groups, C, h, w) standard-normal noise); an inpainting UNet's masked image is sampled with
+/// `eps_masked`.
+pub fn encode(
+    model: &dyn DiffusionModel,
+    edit: &EditInput,
+    eps_vae: &Tensor,
+    eps_masked: Option<&Tensor>,
+) -> Result<EditLatents> {
+    let sample = |image: &Tensor, eps: &Tensor| -> Result<Tensor> {
+        let (mean, std) = model.encode_posterior(&image.to_device(model.device())?)?;
+        mean.broadcast_add(&eps.broadcast_mul(&std)?)
+    };
+    let image = sample(&edit.image, eps_vae)?;
+    let factor = model.info().vae_scale_factor.max(1);
     let mask = match &edit.mask {
-        Some(m) => Some(latent_mask(&m.to_device(model.device())?, model.info().vae_scale_factor.max(1))?),
+        Some(m) => Some(latent_mask(&m.to_device(model.device())?, factor)?),
         None => None,
     };
-    Ok(EditLatents { image, mask, from_noise: edit.inpaint() && edit.strength >= 1.0 })
+    let from_noise = edit.inpaint() && edit.strength >= 1.0;
+    if !model.info().inpainting {
+        return Ok(EditLatents { image, mask, unet_input: None, from_noise });
+    }
+    let (Some(pixel_mask), Some(latent), Some(eps)) = (&edit.mask, &mask, eps_masked) else {
+        candle_core::bail!("an inpainting model edits with a mask")
+    };
+    // The image where it is kept; where it is repainted, 0 in the VAE's [−1, 1] range (mid-grey).
+    let keep = pixel_mask.to_dtype(DType::F32)?.lt(0.5f64)?.to_dtype(edit.image.dtype())?.to_device(model.device())?;
+    let image01 = edit.image.to_device(model.device())?;
+    let masked01 = image01.broadcast_mul(&keep)?.broadcast_add(&keep.affine(-0.5, 0.5)?)?;
+    let masked = sample(&masked01, eps)?;
+    let groups = masked.dim(0)?;
+    let latent = latent.to_dtype(masked.dtype())?.repeat((groups, 1, 1, 1))?;
+    let unet_input = Tensor::cat(&[&latent, &masked], 1)?;
+    Ok(EditLatents { image, mask: None, unet_input: Some(unet_input), from_noise })
 }
 
 /// `rows` rows from per-group rows (`t` has `groups` rows): each repeated `rows / groups` times.

@@ -213,6 +213,26 @@ impl Conditioning {
     /// Guided model output for a batch of latents `x` (already scaled for the model).
     /// The conditioning must have been built for `x.dim(0)` latents.
     pub fn predict(&self, model: &dyn DiffusionModel, x: &Tensor, t: f64) -> Result<Tensor> {
+        self.predict_with(model, x, t, None)
+    }
+
+    /// [`Conditioning::predict`] with `extra` input channels appended to `x` (an inpainting
+    /// UNet's mask and masked-image latents, one row per latent).
+    pub fn predict_with(
+        &self,
+        model: &dyn DiffusionModel,
+        x: &Tensor,
+        t: f64,
+        extra: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let joined;
+        let x = match extra {
+            Some(e) => {
+                joined = Tensor::cat(&[x, &e.to_dtype(x.dtype())?], 1)?;
+                &joined
+            }
+            None => x,
+        };
         if self.cfg {
             let x2 = Tensor::cat(&[x, x], 0)?;
             let ts = crate::models::timesteps(t, x2.dim(0)?, x.device())?;

@@ -467,10 +467,12 @@ impl<'a, 'c> Runner<'a, 'c> {
             _ => drawn,
         };
         if let Some(edit) = &self.ctx.edit {
-            // After the starting noise, one posterior sample of the image per image.
+            // After the starting noise, one posterior sample of the image per image (and of the
+            // masked image for an inpainting UNet).
             let eps_vae = self.noise(1)?;
+            let eps_masked = if self.ctx.model.info().inpainting { Some(self.noise(1)?) } else { None };
             let t = Instant::now();
-            self.edit = Some(crate::pipeline::edit::encode(self.ctx.model, edit, &eps_vae)?);
+            self.edit = Some(crate::pipeline::edit::encode(self.ctx.model, edit, &eps_vae, eps_masked.as_ref())?);
             self.timings.encode_ms += ms(t);
             self.start_noise = Some(unit.clone());
         }
@@ -519,7 +521,11 @@ impl<'a, 'c> Runner<'a, 'c> {
         let t = Instant::now();
         let s = self.ctx.sampler;
         let x_in = s.scale_model_input(x, i)?;
-        let out = cond.predict(self.ctx.model, &x_in, s.timestep(i))?;
+        let extra = match self.edit.as_ref().and_then(|e| e.unet_input.as_ref()) {
+            Some(u) => Some(crate::pipeline::edit::per_row(u, x.dim(0)?)?),
+            None => None,
+        };
+        let out = cond.predict_with(self.ctx.model, &x_in, s.timestep(i), extra.as_ref())?;
         self.denoiser_evals += x.dim(0)? * cond.evals_per_latent();
         self.timings.denoise_ms += ms(t);
         Ok(out)
@@ -689,6 +695,12 @@ pub fn generate(
     let params = resolve(model.info(), p, &req.spec);
     let (_, c, h, w) = crate::pipeline::latent_shape(model, n, params.height, params.width)
         .map_err(|e| GenerationError::InvalidInput(crate::error::FieldError::invalid("size", e.to_string())))?;
+    if model.info().inpainting && p.edit.as_ref().is_none_or(|e| e.mask.is_none()) {
+        return Err(GenerationError::InvalidInput(crate::error::FieldError::invalid(
+            "mask",
+            format!("model `{}` is an inpainting model: it edits an image with a mask", model.info().name),
+        )));
+    }
     let mut sampler = crate::sampling::build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
     if let Some(edit) = &p.edit {
         let start = crate::sampling::edit_start(params.steps, edit.strength).ok_or_else(|| {

@@ -34,6 +34,7 @@ impl MockModel {
             vae_scale_factor: 8,
             default_size: (64, 64),
             fixed_size: false,
+            inpainting: false,
             defaults: SamplingDefaults::derive(&scheduler, false, 77),
             scheduler: tiller::sampling::ScheduleConfig::Vp(scheduler),
             guidance_embedding: false,
