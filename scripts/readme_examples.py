@@ -5,7 +5,7 @@ blocks (the `openai` client, run in order as one script), run in a scratch direc
 `models/` and `adapters/` are the repository's, against `tiller serve` on a free port (the
 examples' `127.0.0.1:8080` is rewritten to it) and with `target/release/tiller` rewritten to the
 binary under test. A block fails on a non-zero exit, on an `"error"` in a curl answer, or when it
-does not write the files it names. Blocks that build or run the project itself (`cargo`,
+does not write the files it names. The server's experiment store lives in the scratch directory. Blocks that build or run the project itself (`cargo`,
 `docker`) are CI's other steps and are skipped, by name.
 
 Usage: python scripts/readme_examples.py [--bin target/debug/tiller]
@@ -98,7 +98,9 @@ def main():
                     answer = json.loads(r.stdout)
                 except ValueError:
                     answer = None  # the example prints something else (checked by its exit code)
-                if isinstance(answer, dict) and ("error" in answer or not answer.get("data")):
+                if isinstance(answer, dict) and "error" in answer:
+                    problem = f"error answer: {r.stdout[:300]}"
+                elif isinstance(answer, dict) and "/v1/images/" in code and not answer.get("data"):
                     problem = f"answer without images: {r.stdout[:300]}"
             for name in re.findall(r"--output (\S+)", code) + re.findall(r'open\("([^"{}]+)", "wb"\)', code):
                 if not os.path.isfile(os.path.join(work, name)):

@@ -31,6 +31,34 @@ pub struct Config {
     pub rewards: std::collections::BTreeMap<String, crate::reward::RewardConfig>,
     pub adapters: AdaptersConfig,
     pub jobs: JobsConfig,
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: where experiments and their records live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory of the embedded SQLite database (`tiller.db`), created when missing.
+    pub data_dir: PathBuf,
+    /// A database URL instead of the embedded file: `postgres://user:pass@host/db` for several
+    /// replicas sharing one store (or `sqlite://path`).
+    pub url: Option<String>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("data"), url: None }
+    }
+}
+
+impl StorageConfig {
+    /// The database URL: `url`, else the SQLite file under `data_dir`.
+    pub fn database_url(&self) -> String {
+        match &self.url {
+            Some(u) => u.clone(),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("tiller.db").display()),
+        }
+    }
 }
 
 /// `[jobs]`: asynchronous jobs (`POST /v1/jobs`).
@@ -399,6 +427,12 @@ impl Config {
         if let Some(v) = nonempty("TILLER_MODELS_DIR") {
             self.models.root = PathBuf::from(v);
         }
+        if let Some(v) = nonempty("TILLER_DATA_DIR") {
+            self.storage.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = nonempty("TILLER_STORAGE_URL") {
+            self.storage.url = Some(v);
+        }
         if let Some(v) = nonempty("TILLER_ADAPTERS_DIR") {
             self.adapters.root = PathBuf::from(v);
         }
@@ -511,6 +545,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("TILLER_ADMIN_KEY", "server.admin_key"),
     ("TILLER_MODELS_DIR", "models.root"),
     ("TILLER_ADAPTERS_DIR", "adapters.root"),
+    ("TILLER_DATA_DIR", "storage.data_dir"),
+    ("TILLER_STORAGE_URL", "storage.url"),
     ("TILLER_DEFAULT_MODEL", "models.default"),
     ("TILLER_LOAD_MODELS", "models.load (comma-separated)"),
     ("TILLER_DEVICE", "models.device"),

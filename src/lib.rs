@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod experiments;
 pub mod models;
 pub mod pipeline;
 pub mod reward;

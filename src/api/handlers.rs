@@ -81,6 +81,8 @@ pub(crate) struct Prepared {
     /// Names the stream's events: `image_generation` (`.partial_image`, `.completed`) or
     /// `image_edit`, as OpenAI's two endpoints do.
     pub event_prefix: &'static str,
+    /// The experiment and arm the request joined.
+    pub experiment: Option<super::experiments::Joined>,
 }
 
 /// Parse and validate a generation body (400/413/404 as the fields say); `label` gets the
@@ -93,6 +95,12 @@ pub(crate) fn prepare(
 ) -> Result<Prepared, ApiError> {
     let bytes = body.map_err(|rej| body_error(rej, state.limits.max_body_bytes))?;
     let req = validate::parse_body(&bytes)?;
+    if req.experiment.is_some() || req.arm.is_some() {
+        return Err(ApiError::invalid(
+            "experiment",
+            "experiments take requests on POST /v1/images/generations (not /v1/jobs) for now",
+        ));
+    }
     prepare_parsed(state, req, None, request_id, label)
 }
 
@@ -160,9 +168,10 @@ pub(crate) fn prepare_parsed(
         partial_images: if stream { validated.partial_images } else { 0 },
         request_id,
         encoding: validated.encoding,
+        metrics: Default::default(),
     };
     let event_prefix = if edit.is_some() { "image_edit" } else { "image_generation" };
-    Ok(Prepared { job, applied, request_seed, trace, stream, stream_progress, event_prefix })
+    Ok(Prepared { job, applied, request_seed, trace, stream, stream_progress, event_prefix, experiment: None })
 }
 
 pub(crate) fn body_error(rej: BytesRejection, limit: usize) -> ApiError {
@@ -209,7 +218,13 @@ pub async fn create_image(
 ) -> Response {
     let t0 = Instant::now();
     let mut label = None;
-    let mut resp = match prepare(&state, body, id.map(|i| i.0 .0), &mut label) {
+    let prepared = async {
+        let bytes = body.map_err(|rej| body_error(rej, state.limits.max_body_bytes))?;
+        let req = validate::parse_body(&bytes)?;
+        super::experiments::prepare_request(&state, req, id.map(|i| i.0 .0), &mut label).await
+    }
+    .await;
+    let mut resp = match prepared {
         Err(e) => e.into_response(),
         Ok(p) if p.stream => super::stream::images_stream(state, p, t0).await,
         Ok(p) => match create_image_inner(&state, p, t0).await {
@@ -245,6 +260,11 @@ pub(crate) async fn create_image_inner(state: &AppState, p: Prepared, t0: Instan
             b64_json: base64::engine::general_purpose::STANDARD.encode(&img.encoded),
             tiller: metadata(&p, &out, img, total_ms)?,
         });
+    }
+    // An experiment's images are recorded (committed) before the answer: what was answered is
+    // in the results.
+    if let Some(joined) = &p.experiment {
+        super::experiments::record(state, joined, &p, &out, &mut data, total_ms).await?;
     }
     Ok(ImagesResponse { created: unix_now(), data })
 }
@@ -314,6 +334,12 @@ pub(crate) fn metadata(
             cached: v.cached,
             build_ms: v.build_ms,
         }),
+        experiment: p
+            .experiment
+            .as_ref()
+            .map(|j| crate::api::types::ExperimentTag { name: j.name.clone(), arm: j.arm.clone() }),
+        image_id: None,
+        metrics: img.metrics.iter().cloned().collect(),
     })
 }
 

@@ -7,6 +7,7 @@
 pub mod adapters;
 pub mod edits;
 pub mod error;
+pub mod experiments;
 pub mod handlers;
 pub mod jobs;
 pub mod middleware;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub jobs: Arc<jobs::JobStore>,
     /// `server.cors_origins`.
     pub cors_origins: Arc<[String]>,
+    /// The experiments store (`[storage]`), opened on first use.
+    pub experiments: Arc<experiments::ExperimentStore>,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             adapters_root: Arc::from(config.adapters.root.as_path()),
             jobs: jobs::store(&config.jobs),
             cors_origins: config.server.cors_origins.clone().into(),
+            experiments: Arc::new(experiments::ExperimentStore::new(config.storage.database_url())),
         }
     }
 }
@@ -105,6 +109,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{model}", get(handlers::get_model))
         .route("/v1/rewards", get(handlers::list_rewards))
+        .route("/v1/experiments", get(experiments::list_experiments))
+        .route("/v1/experiments/{name}", get(experiments::get_experiment))
+        .route("/v1/experiments/{name}/results", get(experiments::experiment_results))
+        .route(
+            "/v1/feedback",
+            post(experiments::post_feedback).layer(axum::middleware::from_fn(middleware::require_json)),
+        )
         .route("/v1/adapters", get(adapters::list_adapters))
         .route("/v1/adapters/{name}", get(adapters::get_adapter))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
@@ -117,6 +128,11 @@ pub fn router(state: AppState) -> Router {
                 .layer(axum::middleware::from_fn(middleware::require_json)),
         )
         .route("/v1/adapters/{name}", delete(adapters::delete_adapter))
+        .route(
+            "/v1/experiments",
+            post(experiments::create_experiment).layer(axum::middleware::from_fn(middleware::require_json)),
+        )
+        .route("/v1/experiments/{name}", patch(experiments::patch_experiment).delete(experiments::delete_experiment))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_manage_key));
     let metrics = Router::new()
         .route("/metrics", get(handlers::metrics))

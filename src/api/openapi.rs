@@ -34,7 +34,14 @@ use crate::sampling::SamplerKind;
         super::jobs::create_job,
         super::jobs::get_job,
         super::jobs::delete_job,
-        super::jobs::job_events
+        super::jobs::job_events,
+        super::experiments::create_experiment,
+        super::experiments::list_experiments,
+        super::experiments::get_experiment,
+        super::experiments::patch_experiment,
+        super::experiments::delete_experiment,
+        super::experiments::experiment_results,
+        super::experiments::post_feedback
     ),
     components(schemas(
         ImageGenerationRequest,

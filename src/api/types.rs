@@ -115,6 +115,15 @@ pub struct ImageGenerationRequest {
     /// denoising step; default false.
     #[serde(default)]
     pub stream_progress: Option<bool>,
+    /// tiller: join the A/B experiment of that name (`GET /v1/experiments`): its arm's fields
+    /// override the request's, its metrics are evaluated on every image, and each image is
+    /// recorded under an `image_id` for results and feedback. A sticky experiment picks the arm
+    /// by `user`.
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// tiller: with `experiment`, use this arm instead of the assigned one (for testing).
+    #[serde(default)]
+    pub arm: Option<String>,
 }
 
 /// `POST /v1/images/edits` form (multipart/form-data): the image, an optional mask, and every
@@ -289,6 +298,22 @@ pub struct ImageMetadata {
     /// How the adapted model was obtained; absent without adapters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_variant: Option<AdapterVariant>,
+    /// The experiment and arm this image was generated under; absent outside experiments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<ExperimentTag>,
+    /// The image's id in the experiment's records (`POST /v1/feedback` names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// The experiment's metrics on this image.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metrics: std::collections::BTreeMap<String, f32>,
+}
+
+/// An image's experiment and arm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExperimentTag {
+    pub name: String,
+    pub arm: String,
 }
 
 /// An adapter applied to an image.

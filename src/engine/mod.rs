@@ -151,6 +151,18 @@ pub struct Job {
     pub request_id: Option<String>,
     /// File format of the images (and previews); PNGs carry a `parameters` chunk.
     pub encoding: crate::util::encode::Encoding,
+    /// Rewards evaluated on every final image, reported by name (an experiment's metrics).
+    pub metrics: Metrics,
+}
+
+/// Named rewards to evaluate on the final images.
+#[derive(Clone, Default)]
+pub struct Metrics(pub Vec<(String, Arc<dyn crate::reward::Reward>)>);
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(n, _)| n)).finish()
+    }
 }
 
 /// One generated image.
@@ -158,6 +170,8 @@ pub struct Job {
 pub struct GeneratedImage {
     /// The encoded file (`Job::encoding`).
     pub encoded: Vec<u8>,
+    /// `Job::metrics` of this image, by name.
+    pub metrics: Vec<(String, f32)>,
     pub seed: u64,
     /// Reward of this image, when the job had a reward.
     pub reward: Option<f32>,
@@ -917,13 +931,24 @@ fn execute(inner: &Arc<Inner>, w: &Waiting, queue_wait: Duration) -> Result<JobO
     };
     let files = crate::util::encode::encode_batch_as(&out.steered.decoded, job.encoding, parameters)
         .map_err(|e| JobEnd::Error(JobError::Failed(format!("cannot encode the images: {e}"))))?;
+    let mut metrics: Vec<Vec<(String, f32)>> = vec![Vec::new(); out.seeds.len()];
+    for (name, reward) in &job.metrics.0 {
+        let scores = reward
+            .score(&out.steered.decoded, &job.params.prompt)
+            .map_err(|e| JobEnd::Error(job_error(GenerationError::Reward(e))))?;
+        for (m, s) in metrics.iter_mut().zip(scores) {
+            m.push((name.clone(), s));
+        }
+    }
     let st = out.steered;
     let images = files
         .into_iter()
         .zip(out.seeds.iter())
         .zip(st.images)
-        .map(|((encoded, &seed), img)| GeneratedImage {
+        .zip(metrics)
+        .map(|(((encoded, &seed), img), metrics)| GeneratedImage {
             encoded,
+            metrics,
             seed,
             reward: img.reward,
             trace: img.trace,
