@@ -37,13 +37,25 @@ async fn server(data: &Path, admin_key: Option<&str>) -> TestServer {
     assert_eq!(engine.wait_ready_blocking(Duration::from_secs(60)), EngineState::Ready);
     let mut config = Config::default();
     config.storage.data_dir = data.to_path_buf();
+    config.storage.url = postgres();
     config.server.admin_key = admin_key.map(String::from);
     start(engine, &config).await
 }
 
-fn spec() -> Value {
+/// The PostgreSQL server CI starts (scripts/postgres.sh), when `TILLER_TEST_POSTGRES_URL` names
+/// it: the same tests then run against it instead of the embedded SQLite file.
+fn postgres() -> Option<String> {
+    std::env::var("TILLER_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())
+}
+
+/// A name no other run of these tests uses (a PostgreSQL database outlives them).
+fn unique(base: &str) -> String {
+    format!("{base}-{:08x}", rand::random::<u32>())
+}
+
+fn spec(name: &str) -> Value {
     json!({
-        "name": "fk-vs-plain",
+        "name": name,
         "arms": [
             {"name": "plain", "request": {"steps": 10}},
             {"name": "fk", "request": {"steps": 10, "steering": {"method": "fk", "particles": 4, "beta": 20}, "reward": "brightness"}}
@@ -76,7 +88,8 @@ async fn send(
 async fn sixty_requests_from_twenty_users_are_all_recorded_and_compared() {
     let data = tempfile::tempdir().unwrap();
     let s = server(data.path(), None).await;
-    let (st, e) = send(&s, reqwest::Method::POST, "/v1/experiments", Some(spec()), None).await;
+    let name = unique("fk-vs-plain");
+    let (st, e) = send(&s, reqwest::Method::POST, "/v1/experiments", Some(spec(&name)), None).await;
     assert_eq!(st, 201, "{e}");
     assert_eq!((e["object"].as_str(), e["status"].as_str()), (Some("experiment"), Some("running")));
 
@@ -85,9 +98,8 @@ async fn sixty_requests_from_twenty_users_are_all_recorded_and_compared() {
     for round in 0..3 {
         for u in 0..20 {
             let user = format!("user-{u}");
-            let (st, body) = s
-                .generate(json!({"prompt": "", "user": user, "seed": round * 100 + u, "experiment": "fk-vs-plain"}))
-                .await;
+            let (st, body) =
+                s.generate(json!({"prompt": "", "user": user, "seed": round * 100 + u, "experiment": name})).await;
             assert_eq!(st, 200, "{body}");
             let t = &body["data"][0]["tiller"];
             arm_of.entry(user).or_default().insert(t["experiment"]["arm"].as_str().unwrap().to_string());
@@ -103,7 +115,7 @@ async fn sixty_requests_from_twenty_users_are_all_recorded_and_compared() {
     let used: BTreeSet<&String> = arm_of.values().flatten().collect();
     assert_eq!(used.len(), 2, "both arms are used");
 
-    let (st, r) = send(&s, reqwest::Method::GET, "/v1/experiments/fk-vs-plain/results", None, None).await;
+    let (st, r) = send(&s, reqwest::Method::GET, &format!("/v1/experiments/{name}/results"), None, None).await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["n"], 60);
     let arms = r["arms"].as_array().unwrap();
@@ -133,21 +145,22 @@ async fn sixty_requests_from_twenty_users_are_all_recorded_and_compared() {
     )
     .await;
     assert_eq!(st, 201);
-    let (_, r) = send(&s, reqwest::Method::GET, "/v1/experiments/fk-vs-plain/results", None, None).await;
+    let (_, r) = send(&s, reqwest::Method::GET, &format!("/v1/experiments/{name}/results"), None, None).await;
     let scores: u64 = r["arms"].as_array().unwrap().iter().map(|a| a["feedback"]["scores"].as_u64().unwrap()).sum();
     assert_eq!(scores, 1);
 
     // Pausing refuses requests; DELETE archives (out of the list, results kept).
     let (st, e) =
-        send(&s, reqwest::Method::PATCH, "/v1/experiments/fk-vs-plain", Some(json!({"status": "paused"})), None).await;
+        send(&s, reqwest::Method::PATCH, &format!("/v1/experiments/{name}"), Some(json!({"status": "paused"})), None)
+            .await;
     assert_eq!((st, e["status"].as_str()), (200, Some("paused")));
-    let (st, body) = s.generate(json!({"prompt": "", "user": "u", "experiment": "fk-vs-plain"})).await;
+    let (st, body) = s.generate(json!({"prompt": "", "user": "u", "experiment": name})).await;
     assert_error(st, &body, 409, Some("experiment"));
-    let (st, _) = send(&s, reqwest::Method::DELETE, "/v1/experiments/fk-vs-plain", None, None).await;
+    let (st, _) = send(&s, reqwest::Method::DELETE, &format!("/v1/experiments/{name}"), None, None).await;
     assert_eq!(st, 200);
     let (_, list) = send(&s, reqwest::Method::GET, "/v1/experiments", None, None).await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 0);
-    let (st, r) = send(&s, reqwest::Method::GET, "/v1/experiments/fk-vs-plain/results", None, None).await;
+    assert!(list["data"].as_array().unwrap().iter().all(|e| e["name"] != name.as_str()), "{list}");
+    let (st, r) = send(&s, reqwest::Method::GET, &format!("/v1/experiments/{name}/results"), None, None).await;
     assert_eq!((st, r["n"].as_u64()), (200, Some(60)));
 }
 
@@ -159,9 +172,10 @@ async fn bad_experiments_and_requests_are_4xx_naming_the_field() {
         let s = &s;
         async move { send(s, reqwest::Method::POST, "/v1/experiments", Some(body), key).await }
     };
-    let (st, body) = post(spec(), None).await;
+    let name = unique("fk-vs-plain");
+    let (st, body) = post(spec(&name), None).await;
     assert_eq!(st, 401, "{body}");
-    let mut bad = spec();
+    let mut bad = spec(&name);
     bad["arms"][1]["request"]["steering"]["particles"] = json!(0);
     let cases = vec![
         (bad, 400, "arms[1].request.steering.particles"),
@@ -184,22 +198,22 @@ async fn bad_experiments_and_requests_are_4xx_naming_the_field() {
         let (st, resp) = post(body.clone(), Some("admin")).await;
         assert_error(st, &resp, want, Some(param));
     }
-    let (st, _) = post(spec(), Some("admin")).await;
+    let (st, _) = post(spec(&name), Some("admin")).await;
     assert_eq!(st, 201);
-    let (st, resp) = post(spec(), Some("admin")).await;
+    let (st, resp) = post(spec(&name), Some("admin")).await;
     assert_error(st, &resp, 409, Some("name"));
     for (req, want, param) in [
         (json!({"prompt": "", "experiment": "nope", "user": "u"}), 404, "experiment"),
-        (json!({"prompt": "", "experiment": "fk-vs-plain"}), 400, "user"),
-        (json!({"prompt": "", "experiment": "fk-vs-plain", "user": "u", "arm": "zz"}), 400, "arm"),
+        (json!({"prompt": "", "experiment": name}), 400, "user"),
+        (json!({"prompt": "", "experiment": name, "user": "u", "arm": "zz"}), 400, "arm"),
         (json!({"prompt": "", "arm": "fk"}), 400, "arm"),
-        (json!({"prompt": "", "experiment": "fk-vs-plain", "user": "u", "stream": true}), 400, "stream"),
+        (json!({"prompt": "", "experiment": name, "user": "u", "stream": true}), 400, "stream"),
     ] {
         let (st, resp) = s.generate(req).await;
         assert_error(st, &resp, want, Some(param));
     }
     // A forced arm is honoured.
-    let (st, body) = s.generate(json!({"prompt": "", "experiment": "fk-vs-plain", "user": "u", "arm": "fk"})).await;
+    let (st, body) = s.generate(json!({"prompt": "", "experiment": name, "user": "u", "arm": "fk"})).await;
     assert_eq!((st, body["data"][0]["tiller"]["experiment"]["arm"].as_str()), (200, Some("fk")));
     let id = body["data"][0]["tiller"]["image_id"].as_str().unwrap().to_string();
     for (fb, want, param) in [
@@ -215,7 +229,7 @@ async fn bad_experiments_and_requests_are_4xx_naming_the_field() {
     let (st, resp) = send(
         &s,
         reqwest::Method::PATCH,
-        "/v1/experiments/fk-vs-plain",
+        &format!("/v1/experiments/{name}"),
         Some(json!({"weights": {"zz": 1}})),
         Some("admin"),
     )
@@ -232,9 +246,10 @@ async fn answered_records_survive_sigkill() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[models]\nroot = \"{}\"\ndefault = \"toy-gmm\"\nload = [\"toy-gmm\"]\ndevice = \"cpu\"\n[storage]\ndata_dir = \"{}\"\n",
+            "[server]\nbind = \"127.0.0.1:0\"\n[models]\nroot = \"{}\"\ndefault = \"toy-gmm\"\nload = [\"toy-gmm\"]\ndevice = \"cpu\"\n[storage]\ndata_dir = \"{}\"\n{}",
             toy_gmm().parent().unwrap().display(),
-            dir.path().join("data").display()
+            dir.path().join("data").display(),
+            postgres().map(|u| format!("url = \"{u}\"\n")).unwrap_or_default()
         ),
     )
     .unwrap();
@@ -271,17 +286,19 @@ async fn answered_records_survive_sigkill() {
     };
     let (mut child, url) = start();
     ready(url.clone()).await;
-    let r = client.post(format!("{url}/v1/experiments")).json(&spec()).send().await.unwrap();
+    let name = unique("fk-vs-plain");
+    let r = client.post(format!("{url}/v1/experiments")).json(&spec(&name)).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 201);
     // Clients keep sending; the server dies under them.
     let mut answered = Vec::new();
     let sender = {
         let client = client.clone();
         let url = url.clone();
+        let name = name.clone();
         tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in 0..1000 {
-                let body = json!({"prompt": "", "user": format!("u{}", i % 7), "seed": i, "experiment": "fk-vs-plain"});
+                let body = json!({"prompt": "", "user": format!("u{}", i % 7), "seed": i, "experiment": name});
                 match client.post(format!("{url}/v1/images/generations")).json(&body).send().await {
                     Ok(r) if r.status().as_u16() == 200 => {
                         let v: Value = match r.json().await {
@@ -305,7 +322,7 @@ async fn answered_records_survive_sigkill() {
     let (mut child, url) = start();
     ready(url.clone()).await;
     let r: Value =
-        client.get(format!("{url}/v1/experiments/fk-vs-plain/results")).send().await.unwrap().json().await.unwrap();
+        client.get(format!("{url}/v1/experiments/{name}/results")).send().await.unwrap().json().await.unwrap();
     assert!(r["n"].as_u64().unwrap() as usize >= answered.len(), "{} answered, {} recorded", answered.len(), r["n"]);
     for id in &answered {
         let st = client

@@ -40,6 +40,8 @@ request_timeout_secs = 120
 $limits
 [adapters]
 root = "$work/adapters"
+[storage]
+data_dir = "$work/data"
 [rewards.unreachable]
 kind = "http"
 url = "http://127.0.0.1:9/score"

@@ -247,9 +247,11 @@ pub async fn list_experiments(State(state): State<AppState>) -> Result<Json<Expe
     let store = state.experiments.get().await?;
     let mut data = Vec::new();
     for row in store.list_experiments().await.map_err(|e| store_error(e, "experiment"))? {
-        let l = load(store, &row.name).await?;
-        if l.status != Status::Archived {
-            data.push(view(l));
+        // One unreadable row (written by another version) must not hide the others.
+        match load(store, &row.name).await {
+            Ok(l) if l.status != Status::Archived => data.push(view(l)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(experiment = %row.name, "skipping an unreadable experiment: {}", e.message),
         }
     }
     Ok(Json(ExperimentList { object: "list".into(), data }))

@@ -337,10 +337,10 @@ pub fn new_id() -> String {
 mod tests {
     use super::*;
 
-    fn rec(id: &str, arm: &str, v: f64) -> Record {
+    fn rec(exp: &str, id: &str, arm: &str, v: f64) -> Record {
         Record {
             image_id: id.into(),
-            experiment: "e".into(),
+            experiment: exp.into(),
             arm: arm.into(),
             user_hash: Some("u".into()),
             prompt: "p".into(),
@@ -353,37 +353,51 @@ mod tests {
         }
     }
 
+    /// The same round trip on any backend; names are unique so a shared database can be reused.
+    async fn round_trip(url: &str) {
+        let e = format!("e-{}", new_id());
+        let (a, b) = (new_id(), new_id());
+        {
+            let s = Store::open(url).await.unwrap();
+            s.create_experiment(&e, "{}").await.unwrap();
+            assert!(matches!(s.create_experiment(&e, "{}").await, Err(StoreError::Exists(_))));
+            s.insert_record(&rec(&e, &a, "x", 1.0)).await.unwrap();
+            s.insert_record(&rec(&e, &b, "y", 2.0)).await.unwrap();
+            let score = Feedback { image_id: a.clone(), score: Some(4.0), preferred_over: None };
+            s.insert_feedback(&score).await.unwrap();
+            let pref = Feedback { image_id: b.clone(), score: None, preferred_over: Some(a.clone()) };
+            s.insert_feedback(&pref).await.unwrap();
+            s.update_experiment(&e, "{\"x\": 1}", "paused").await.unwrap();
+        }
+        let s = Store::open(url).await.unwrap();
+        let got = s.get_experiment(&e).await.unwrap();
+        assert_eq!((got.spec.as_str(), got.status.as_str()), ("{\"x\": 1}", "paused"));
+        let r = s.records(&e).await.unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].seed, u64::MAX);
+        assert!(r.iter().any(|r| r.metrics["m"] == 1.0));
+        assert_eq!(s.record(&b).await.unwrap().arm, "y");
+        assert!(matches!(s.record("zz").await, Err(StoreError::NotFound(_))));
+        let f = s.feedback(&e).await.unwrap();
+        assert_eq!(f.len(), 2);
+        assert!(f.iter().any(|f| f.image_id == b && f.preferred_over.as_deref() == Some(a.as_str())));
+        assert!(f.iter().any(|f| f.image_id == a && f.score == Some(4.0)));
+        assert!(matches!(s.update_experiment("nope", "{}", "running").await, Err(StoreError::NotFound(_))));
+    }
+
     #[tokio::test]
     async fn sqlite_round_trips_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("sub/t.db").display());
-        {
-            let s = Store::open(&url).await.unwrap();
-            s.create_experiment("e", "{}").await.unwrap();
-            assert!(matches!(s.create_experiment("e", "{}").await, Err(StoreError::Exists(_))));
-            s.insert_record(&rec("a", "x", 1.0)).await.unwrap();
-            s.insert_record(&rec("b", "y", 2.0)).await.unwrap();
-            s.insert_feedback(&Feedback { image_id: "a".into(), score: Some(4.0), preferred_over: None })
-                .await
-                .unwrap();
-            s.insert_feedback(&Feedback { image_id: "b".into(), score: None, preferred_over: Some("a".into()) })
-                .await
-                .unwrap();
-            s.update_experiment("e", "{\"x\": 1}", "paused").await.unwrap();
+        round_trip(&format!("sqlite://{}?mode=rwc", dir.path().join("sub/t.db").display())).await;
+    }
+
+    /// Against a real PostgreSQL server when `TILLER_TEST_POSTGRES_URL` names one (CI starts one
+    /// with scripts/postgres.sh); skipped otherwise.
+    #[tokio::test]
+    async fn postgres_round_trips() {
+        match std::env::var("TILLER_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => round_trip(&url).await,
+            _ => eprintln!("TILLER_TEST_POSTGRES_URL is not set: PostgreSQL not tested"),
         }
-        let s = Store::open(&url).await.unwrap();
-        let e = s.get_experiment("e").await.unwrap();
-        assert_eq!((e.spec.as_str(), e.status.as_str()), ("{\"x\": 1}", "paused"));
-        let r = s.records("e").await.unwrap();
-        assert_eq!(r.len(), 2);
-        assert_eq!(r[0].seed, u64::MAX);
-        assert_eq!(r[0].metrics["m"], 1.0);
-        assert_eq!(s.record("b").await.unwrap().arm, "y");
-        assert!(matches!(s.record("zz").await, Err(StoreError::NotFound(_))));
-        let f = s.feedback("e").await.unwrap();
-        assert_eq!(f.len(), 2);
-        assert!(f.iter().any(|f| f.image_id == "b" && f.preferred_over.as_deref() == Some("a")));
-        assert!(f.iter().any(|f| f.image_id == "a" && f.score == Some(4.0)));
-        assert!(matches!(s.update_experiment("nope", "{}", "running").await, Err(StoreError::NotFound(_))));
     }
 }
