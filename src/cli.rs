@@ -43,6 +43,8 @@ pub enum Command {
     Shapes(crate::shapes::cli::ShapesArgs),
     /// Evaluate a model: `tiller eval shapes` scores it on the shapes world.
     Eval(crate::shapes::cli::EvalArgs),
+    /// A/B experiments offline: `tiller experiment run` runs prompts through every arm.
+    Experiment(crate::experiments::offline::ExperimentArgs),
 }
 
 #[derive(Debug, Args)]

@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
         Command::Models(args) => tiller::cli::list_models(&args).map_err(Into::into),
         Command::Shapes(args) => tiller::shapes::cli::run_shapes(&args).map_err(Into::into),
         Command::Eval(args) => tiller::shapes::cli::run_eval(&args).map_err(Into::into),
+        Command::Experiment(args) => tiller::experiments::offline::run_command(&args).map_err(Into::into),
         Command::Openapi => {
             print!("{}", tiller::api::openapi_json());
             Ok(())

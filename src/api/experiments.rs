@@ -136,7 +136,7 @@ pub(crate) async fn prepare_request(
     Ok(p)
 }
 
-fn metric_rewards(state: &AppState, spec: &ExperimentSpec) -> Result<Metrics, ApiError> {
+pub(crate) fn metric_rewards(state: &AppState, spec: &ExperimentSpec) -> Result<Metrics, ApiError> {
     let mut out = Vec::with_capacity(spec.metrics.len());
     for (i, m) in spec.metrics.iter().enumerate() {
         let r = state.rewards.build(&RewardSpec::Name(m.clone())).map_err(|e| {
@@ -181,8 +181,11 @@ pub(crate) async fn record(
     Ok(())
 }
 
+/// Largest body of the experiment and feedback endpoints.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
 fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rej| super::handlers::body_error(rej, 1024 * 1024))?;
+    let bytes = body.map_err(|rej| super::handlers::body_error(rej, BODY_LIMIT))?;
     Ok(crate::util::json::parse_slice(&bytes)?)
 }
 
@@ -210,6 +213,8 @@ fn in_arm(e: ApiError, i: usize) -> ApiError {
         (status = 401, description = "Missing or wrong admin key", body = ErrorResponse),
         (status = 404, description = "An arm names an unknown model or adapter", body = ErrorResponse),
         (status = 409, description = "An experiment of that name exists", body = ErrorResponse),
+        (status = 413, description = "Body larger than 1 MiB", body = ErrorResponse),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
         (status = 503, description = "The store is unavailable", body = ErrorResponse),
     ),
     security((), ("api_key" = []))
@@ -241,7 +246,7 @@ pub async fn create_experiment(State(state): State<AppState>, body: Result<Bytes
 
 /// List experiments (archived ones are left out).
 #[utoipa::path(get, path = "/v1/experiments", tag = "experiments",
-    responses((status = 200, body = ExperimentList), (status = 503, body = ErrorResponse)),
+    responses((status = 200, body = ExperimentList), (status = 401, body = ErrorResponse), (status = 503, body = ErrorResponse)),
     security((), ("api_key" = [])))]
 pub async fn list_experiments(State(state): State<AppState>) -> Result<Json<ExperimentList>, ApiError> {
     let store = state.experiments.get().await?;
@@ -260,7 +265,7 @@ pub async fn list_experiments(State(state): State<AppState>) -> Result<Json<Expe
 /// One experiment (archived ones too).
 #[utoipa::path(get, path = "/v1/experiments/{name}", tag = "experiments",
     params(("name" = String, Path, description = "Experiment name")),
-    responses((status = 200, body = Experiment), (status = 404, body = ErrorResponse)),
+    responses((status = 200, body = Experiment), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 503, body = ErrorResponse)),
     security((), ("api_key" = [])))]
 pub async fn get_experiment(
     State(state): State<AppState>,
@@ -274,7 +279,9 @@ pub async fn get_experiment(
 #[utoipa::path(patch, path = "/v1/experiments/{name}", tag = "experiments",
     params(("name" = String, Path, description = "Experiment name")),
     request_body = ExperimentPatch,
-    responses((status = 200, body = Experiment), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse)),
+    responses((status = 200, body = Experiment), (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+        (status = 404, body = ErrorResponse), (status = 409, description = "Archived", body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 503, body = ErrorResponse)),
     security((), ("api_key" = [])))]
 pub async fn patch_experiment(
     State(state): State<AppState>,
@@ -301,7 +308,7 @@ pub async fn patch_experiment(
 /// and results stay.
 #[utoipa::path(delete, path = "/v1/experiments/{name}", tag = "experiments",
     params(("name" = String, Path, description = "Experiment name")),
-    responses((status = 200, body = Experiment), (status = 404, body = ErrorResponse)),
+    responses((status = 200, body = Experiment), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 503, body = ErrorResponse)),
     security((), ("api_key" = [])))]
 pub async fn delete_experiment(
     State(state): State<AppState>,
@@ -318,7 +325,7 @@ pub async fn delete_experiment(
 /// and always-valid), feedback scores, Bradley–Terry strengths, cost.
 #[utoipa::path(get, path = "/v1/experiments/{name}/results", tag = "experiments",
     params(("name" = String, Path, description = "Experiment name")),
-    responses((status = 200, body = ExperimentResults), (status = 404, body = ErrorResponse)),
+    responses((status = 200, body = ExperimentResults), (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 503, body = ErrorResponse)),
     security((), ("api_key" = [])))]
 pub async fn experiment_results(
     State(state): State<AppState>,
@@ -357,7 +364,12 @@ pub struct FeedbackCreated {
 /// Record feedback on an image of an experiment.
 #[utoipa::path(post, path = "/v1/feedback", tag = "experiments",
     request_body = FeedbackRequest,
-    responses((status = 201, body = FeedbackCreated), (status = 400, body = ErrorResponse), (status = 404, description = "Unknown image_id", body = ErrorResponse)),
+    responses((status = 201, body = FeedbackCreated), (status = 400, body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 404, description = "Unknown image_id", body = ErrorResponse),
+        (status = 413, description = "Body larger than 1 MiB", body = ErrorResponse),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorResponse),
+        (status = 503, description = "The store is unavailable", body = ErrorResponse)),
     security((), ("api_key" = [])))]
 pub async fn post_feedback(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let result = async {

@@ -114,7 +114,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/experiments/{name}/results", get(experiments::experiment_results))
         .route(
             "/v1/feedback",
-            post(experiments::post_feedback).layer(axum::middleware::from_fn(middleware::require_json)),
+            post(experiments::post_feedback)
+                .layer(DefaultBodyLimit::max(experiments::BODY_LIMIT))
+                .layer(axum::middleware::from_fn(middleware::require_json)),
         )
         .route("/v1/adapters", get(adapters::list_adapters))
         .route("/v1/adapters/{name}", get(adapters::get_adapter))
@@ -130,9 +132,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/adapters/{name}", delete(adapters::delete_adapter))
         .route(
             "/v1/experiments",
-            post(experiments::create_experiment).layer(axum::middleware::from_fn(middleware::require_json)),
+            post(experiments::create_experiment)
+                .layer(DefaultBodyLimit::max(experiments::BODY_LIMIT))
+                .layer(axum::middleware::from_fn(middleware::require_json)),
         )
-        .route("/v1/experiments/{name}", patch(experiments::patch_experiment).delete(experiments::delete_experiment))
+        .route(
+            "/v1/experiments/{name}",
+            patch(experiments::patch_experiment)
+                .layer(DefaultBodyLimit::max(experiments::BODY_LIMIT))
+                .delete(experiments::delete_experiment),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_manage_key));
     let metrics = Router::new()
         .route("/metrics", get(handlers::metrics))

@@ -3,6 +3,7 @@
 //! record of every image generated under an experiment (in [`store`]), feedback, and the
 //! results with honest statistics ([`stats`]).
 
+pub mod offline;
 pub mod stats;
 pub mod store;
 
