@@ -501,3 +501,10 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
         format!("Method {method} is not allowed on {}", uri.path()),
     )
 }
+
+/// The playground page: strategies side by side (streamed previews, reward, NFE, time, the
+/// per-step reward/ESS trace) and the experiments dashboard. Plain HTML and JavaScript embedded
+/// in the binary; it calls the API from the browser.
+pub async fn playground() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../assets/playground.html"))
+}

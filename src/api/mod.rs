@@ -152,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics)
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
+        .route("/playground", get(handlers::playground))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
