@@ -67,6 +67,9 @@ pub struct ServeArgs {
     /// f32, f16 or bf16 (overrides models.dtype; only f32 on CPU).
     #[arg(long)]
     pub dtype: Option<DTypeSpec>,
+    /// Directory of the embedded experiments database (overrides storage.data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -87,6 +90,9 @@ impl ServeArgs {
         }
         if let Some(d) = self.dtype {
             cfg.models.dtype = d;
+        }
+        if let Some(d) = &self.data_dir {
+            cfg.storage.data_dir = d.clone();
         }
         cfg.validate()?;
         Ok(cfg)

@@ -207,6 +207,7 @@ async fn bad_forms_are_400s_naming_the_field() {
         (base(&[("colour", "red")]), 400, "colour"),
         (base(&[("size", "7x9")]).part("mask", png_part(left_half_mask())), 400, "size"),
         (base(&[("model", "nope")]), 404, "model"),
+        (base(&[("experiment", "x")]), 400, "experiment"),
     ];
     for (form, want, param) in cases {
         let (st, body) = edit(&s, form).await;

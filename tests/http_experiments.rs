@@ -207,11 +207,30 @@ async fn bad_experiments_and_requests_are_4xx_naming_the_field() {
         (json!({"prompt": "", "experiment": name}), 400, "user"),
         (json!({"prompt": "", "experiment": name, "user": "u", "arm": "zz"}), 400, "arm"),
         (json!({"prompt": "", "arm": "fk"}), 400, "arm"),
-        (json!({"prompt": "", "experiment": name, "user": "u", "stream": true}), 400, "stream"),
     ] {
         let (st, resp) = s.generate(req).await;
         assert_error(st, &resp, want, Some(param));
     }
+    // A streamed request joins too: its image is recorded before the completed event is sent.
+    let r = s
+        .client
+        .post(format!("{}/v1/images/generations", s.url))
+        .json(&json!({"prompt": "", "experiment": name, "user": "streamer", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    let completed: Value = text
+        .split("\n\n")
+        .filter_map(|block| block.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .find(|v| v["type"] == "image_generation.completed")
+        .unwrap_or_else(|| panic!("no completed event: {text}"));
+    let streamed_id = completed["tiller"]["image_id"].as_str().expect("an image_id").to_string();
+    let (st, _) =
+        send(&s, reqwest::Method::POST, "/v1/feedback", Some(json!({"image_id": streamed_id, "score": 2})), None).await;
+    assert_eq!(st, 201, "the streamed image is recorded");
     // A forced arm is honoured.
     let (st, body) = s.generate(json!({"prompt": "", "experiment": name, "user": "u", "arm": "fk"})).await;
     assert_eq!((st, body["data"][0]["tiller"]["experiment"]["arm"].as_str()), (200, Some("fk")));
@@ -337,4 +356,67 @@ async fn answered_records_survive_sigkill() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The scenario on the default model: plain DDIM against FK steered by `shapes_clip`
+/// (keeping its best particle), 60 requests from 20 users, the `shapes_clip` metric higher for
+/// FK. About three minutes on two
+/// cores: `cargo test --test http_experiments -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn fk_with_shapes_clip_beats_plain_ddim_on_the_default_model() {
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+    let dir = models.join("shapes");
+    let engine = Engine::start(
+        Box::new(move || {
+            tiller::models::loader::load_model("shapes", &dir, &candle_core::Device::Cpu, candle_core::DType::F32)
+                .map(|m| vec![LoadedModel::new("shapes".to_string(), m)])
+                .map_err(|e| e.to_string())
+        }),
+        EngineOptions { queue_depth: 16, default_model: Some("shapes".into()), ..Default::default() },
+    );
+    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(120)), EngineState::Ready);
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.models.root = models;
+    config.storage.data_dir = data.path().to_path_buf();
+    config.storage.url = postgres();
+    let s = start(engine, &config).await;
+    let name = unique("ddim-vs-fk");
+    let spec = json!({
+        "name": name, "metrics": ["shapes_clip"], "assignment": "sticky",
+        "arms": [
+            // The same sampler in both arms (FK needs DDIM's noise, η = 1), so the difference is
+            // the steering's.
+            {"name": "ddim", "request": {"steps": 20, "scheduler": "ddim", "eta": 1.0}},
+            {"name": "fk", "request": {"steps": 20, "scheduler": "ddim", "eta": 1.0,
+                                       "steering": {"method": "fk", "particles": 4, "select": "best"}, "reward": "shapes_clip"}}
+        ]
+    });
+    let (st, e) = send(&s, reqwest::Method::POST, "/v1/experiments", Some(spec), None).await;
+    assert_eq!(st, 201, "{e}");
+    // One prompt: the reward's scale differs between prompts, and sticky users split unevenly.
+    let prompts = ["three green triangles"; 4];
+    let mut arm_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for round in 0..3 {
+        for u in 0..20 {
+            let user = format!("user-{u}");
+            let body =
+                json!({"prompt": prompts[(u + round) % 4], "user": user, "seed": round * 100 + u, "experiment": name});
+            let (st, body) = s.generate(body).await;
+            assert_eq!(st, 200, "{body}");
+            arm_of
+                .entry(user)
+                .or_default()
+                .insert(body["data"][0]["tiller"]["experiment"]["arm"].as_str().unwrap().into());
+        }
+    }
+    assert!(arm_of.values().all(|a| a.len() == 1));
+    assert_eq!(arm_of.values().flatten().collect::<BTreeSet<_>>().len(), 2);
+    let (_, r) = send(&s, reqwest::Method::GET, &format!("/v1/experiments/{name}/results"), None, None).await;
+    println!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["n"], 60);
+    let m = |i: usize| &r["arms"][i]["metrics"]["shapes_clip"];
+    assert!(m(1)["mean"].as_f64().unwrap() > m(0)["mean"].as_f64().unwrap(), "{r}");
+    assert!(m(1)["vs_control"]["ci"].is_array());
 }

@@ -301,6 +301,12 @@ pub async fn edit_image(
             )
         })?;
         let (req, edit) = read_form(form).await?;
+        if req.experiment.is_some() || req.arm.is_some() {
+            return Err(ApiError::invalid(
+                "experiment",
+                "edits cannot join an experiment yet; use /v1/images/generations",
+            ));
+        }
         prepare_parsed(&state, req, Some(edit), id.map(|i| i.0 .0), &mut label)
     }
     .await;

@@ -101,9 +101,6 @@ pub(crate) async fn prepare_request(
         }
         return prepare_parsed(state, req, None, request_id, label);
     };
-    if req.stream == Some(true) {
-        return Err(ApiError::invalid("stream", "experiments take non-streaming requests for now; drop `stream`"));
-    }
     let store = state.experiments.get().await?;
     let exp = load(store, &name).await.map_err(|e| e.with_param("experiment"))?;
     if exp.status != Status::Running {
@@ -157,9 +154,25 @@ pub(crate) async fn record(
     data: &mut [Image],
     total_ms: f64,
 ) -> Result<(), ApiError> {
+    let ids = record_images(state, joined, p, out, total_ms).await?;
+    for (answer, id) in data.iter_mut().zip(ids) {
+        answer.tiller.image_id = Some(id);
+    }
+    Ok(())
+}
+
+/// Record every image of a finished experiment request, committed; their ids in order.
+pub(crate) async fn record_images(
+    state: &AppState,
+    joined: &Joined,
+    p: &Prepared,
+    out: &JobOutput,
+    total_ms: f64,
+) -> Result<Vec<String>, ApiError> {
     let store = state.experiments.get().await?;
     let n = out.images.len().max(1) as i64;
-    for (img, answer) in out.images.iter().zip(data.iter_mut()) {
+    let mut ids = Vec::with_capacity(out.images.len());
+    for img in &out.images {
         let image_id = store::new_id();
         let record = Record {
             image_id: image_id.clone(),
@@ -176,9 +189,9 @@ pub(crate) async fn record(
             created_at: store::now(),
         };
         store.insert_record(&record).await.map_err(|e| store_error(e, "record"))?;
-        answer.tiller.image_id = Some(image_id);
+        ids.push(image_id);
     }
-    Ok(())
+    Ok(ids)
 }
 
 /// Largest body of the experiment and feedback endpoints.

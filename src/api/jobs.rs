@@ -375,7 +375,7 @@ pub async fn job_events(State(state): State<AppState>, Path(id): Path<String>, h
                 JobEvent::Queued => own("tiller.queued", serde_json::json!({"type": "tiller.queued"})),
                 JobEvent::Started => own("tiller.started", serde_json::json!({"type": "tiller.started"})),
                 JobEvent::Cancelled => own("tiller.cancelled", serde_json::json!({"type": "tiller.cancelled"})),
-                other => super::stream::openai_events(&prepared, other, t0, &size, tokens, true),
+                other => super::stream::openai_events(&prepared, other, t0, &size, tokens, true, None),
             };
             let several = out.len() > 1;
             for (i, e) in out.iter_mut().enumerate() {

@@ -50,6 +50,7 @@ pub(crate) fn openai_events(
     size: &str,
     tokens: u64,
     progress: bool,
+    image_ids: Option<&[String]>,
 ) -> Vec<Event> {
     match ev {
         JobEvent::Partial { index, image, .. } => vec![json_event(
@@ -71,9 +72,9 @@ pub(crate) fn openai_events(
         JobEvent::Completed(out) => {
             let total_ms = t0.elapsed().as_secs_f64() * 1e3;
             let mut events = Vec::with_capacity(out.images.len());
-            for img in &out.images {
+            for (i, img) in out.images.iter().enumerate() {
                 match metadata(p, out, img, total_ms) {
-                    Ok(tiller) => events.push(json_event(
+                    Ok(mut tiller) => events.push(json_event(
                         &format!("{}.completed", p.event_prefix),
                         &CompletedImageEvent {
                             kind: format!("{}.completed", p.event_prefix),
@@ -89,7 +90,10 @@ pub(crate) fn openai_events(
                                 output_tokens: 0,
                                 total_tokens: tokens,
                             },
-                            tiller,
+                            tiller: {
+                                tiller.image_id = image_ids.and_then(|ids| ids.get(i).cloned());
+                                tiller
+                            },
                         },
                     )),
                     Err(e) => events.push(error_event(&e)),
@@ -188,7 +192,23 @@ pub(crate) async fn images_stream(state: AppState, p: Prepared, t0: Instant) -> 
     let p = Arc::new(p);
     let progress = p.stream_progress;
     let events = follow(handle, 0, 0, timeout, Some(guard), super::handlers::timeout_error(&state), move |_, ev| {
-        openai_events(&p, ev, t0, &size, tokens, progress)
+        // An experiment's images are recorded (committed) before their completed events go out,
+        // so what a client received is in the results.
+        let ids = match (ev, &p.experiment) {
+            (JobEvent::Completed(out), Some(joined)) => {
+                let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+                let recorded = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current()
+                        .block_on(super::experiments::record_images(&state, joined, &p, out, total_ms))
+                });
+                match recorded {
+                    Ok(ids) => Some(ids),
+                    Err(e) => return vec![error_event(&e)],
+                }
+            }
+            _ => None,
+        };
+        openai_events(&p, ev, t0, &size, tokens, progress, ids.as_deref())
     });
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
