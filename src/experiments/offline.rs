@@ -191,7 +191,11 @@ pub fn markdown(r: &ExperimentResults) -> String {
             let vs = x
                 .vs_control
                 .as_ref()
-                .map(|d| format!("{:+.3} {}", d.diff, interval(d.always_valid_ci.or(d.ci))))
+                .map(|d| match d.always_valid_ci {
+                    Some(ci) => format!("{:+.3} {}", d.diff, interval(Some(ci))),
+                    // Below 10 images per arm only the fixed-sample interval exists; say so.
+                    None => format!("{:+.3} {} (fixed-sample)", d.diff, interval(d.ci)),
+                })
                 .unwrap_or_else(|| "control".into());
             s.push_str(&format!(" {:.3} {} | {vs} |", x.mean, interval(x.ci)));
         }
