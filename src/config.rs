@@ -597,6 +597,14 @@ mod tests {
         assert_eq!(c.limits.queue_depth, 3);
         assert_eq!(c.models.device, DeviceSpec::Cuda(1));
         assert_eq!(c.models.load, vec!["a".to_string(), "b".to_string()]);
+        // The experiments store: the embedded file under data_dir, or a URL instead.
+        assert_eq!(c.storage.database_url(), "sqlite://data/tiller.db?mode=rwc");
+        let env: HashMap<&str, &str> = [("TILLER_DATA_DIR", "/var/tiller")].into();
+        c.apply_env(|k| env.get(k).map(|s| s.to_string())).unwrap();
+        assert_eq!(c.storage.database_url(), "sqlite:///var/tiller/tiller.db?mode=rwc");
+        let env: HashMap<&str, &str> = [("TILLER_STORAGE_URL", "postgres://db/t")].into();
+        c.apply_env(|k| env.get(k).map(|s| s.to_string())).unwrap();
+        assert_eq!(c.storage.database_url(), "postgres://db/t");
         let bad: HashMap<&str, &str> = [("TILLER_MAX_N", "many")].into();
         let e = c.apply_env(|k| bad.get(k).map(|s| s.to_string())).unwrap_err();
         assert!(e.to_string().contains("TILLER_MAX_N"));

@@ -39,3 +39,13 @@ fn example_config_and_the_reference_mention_every_key() {
         assert!(readme.contains(var), "docs/config.md lacks {var}");
     }
 }
+
+#[test]
+fn serve_flags_override_the_store_location() {
+    use clap::Parser;
+    let cli = tiller::cli::Cli::try_parse_from(["tiller", "serve", "--data-dir", "/srv/tiller-data"]).unwrap();
+    let tiller::cli::Command::Serve(args) = cli.command else { panic!("not serve") };
+    let cfg = args.config().unwrap();
+    assert_eq!(cfg.storage.data_dir, std::path::PathBuf::from("/srv/tiller-data"));
+    assert_eq!(cfg.storage.database_url(), "sqlite:///srv/tiller-data/tiller.db?mode=rwc");
+}

@@ -473,6 +473,12 @@ async fn openapi_and_offline_docs_are_served() {
     assert!(r.text().await.unwrap().contains("/openapi.json"));
     let r = s.get("/docs/swagger-ui-bundle.js").await;
     assert_eq!(r.status().as_u16(), 200);
+    // The playground is a page inside the binary, calling the API from the browser.
+    let r = s.get("/playground").await;
+    assert_eq!(r.status().as_u16(), 200);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("tiller playground") && html.contains("/v1/images/generations"), "{html}");
+    assert!(!html.contains("https://"), "the playground loads nothing from the network");
     // /docs redirects to /docs/ (reqwest follows).
     assert_eq!(s.get("/docs").await.status().as_u16(), 200);
 }
