@@ -6,26 +6,15 @@
 mod http_support;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use http_support::*;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 use tiller::config::Config;
-use tiller::engine::{Engine, EngineOptions, EngineState, LoadedModel};
 
 async fn gmm_server() -> TestServer {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/toy-gmm");
-    let engine = Engine::start(
-        Box::new(move || {
-            tiller::models::loader::load_model("toy-gmm", &dir, &candle_core::Device::Cpu, candle_core::DType::F32)
-                .map(|m| vec![LoadedModel::new("toy-gmm".to_string(), m)])
-                .map_err(|e| e.to_string())
-        }),
-        EngineOptions { queue_depth: 4, default_model: Some("toy-gmm".into()), ..Default::default() },
-    );
-    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(60)), EngineState::Ready);
-    start(engine, &Config::default()).await
+    start(loaded_engine(&[("toy-gmm", dir)], 4), &Config::default()).await
 }
 
 const W: u32 = 8;
@@ -229,26 +218,8 @@ async fn bad_forms_are_400s_naming_the_field() {
 
 /// A server on the sd15 fixtures: the 4-channel model and the 9-channel inpainting one.
 async fn fixture_server() -> TestServer {
-    let engine = Engine::start(
-        Box::new(|| {
-            ["sd15-tiny", "sd15-inpaint-tiny"]
-                .iter()
-                .map(|name| {
-                    tiller::models::loader::load_model(
-                        name,
-                        &fixture_dir(name),
-                        &candle_core::Device::Cpu,
-                        candle_core::DType::F32,
-                    )
-                    .map(|m| LoadedModel::new(name.to_string(), m))
-                    .map_err(|e| e.to_string())
-                })
-                .collect::<Result<Vec<_>, String>>()
-        }),
-        EngineOptions { queue_depth: 4, default_model: Some("sd15-tiny".into()), ..Default::default() },
-    );
-    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(60)), EngineState::Ready);
-    start(engine, &Config::default()).await
+    let models = [("sd15-tiny", fixture_dir("sd15-tiny")), ("sd15-inpaint-tiny", fixture_dir("sd15-inpaint-tiny"))];
+    start(loaded_engine(&models, 4), &Config::default()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,27 +14,13 @@ use std::time::{Duration, Instant};
 use http_support::*;
 use serde_json::{json, Value};
 use tiller::config::Config;
-use tiller::engine::{Engine, EngineOptions, EngineState, LoadedModel};
 
 fn toy_gmm() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/toy-gmm")
 }
 
 async fn server(data: &Path, admin_key: Option<&str>) -> TestServer {
-    let engine = Engine::start(
-        Box::new(|| {
-            tiller::models::loader::load_model(
-                "toy-gmm",
-                &toy_gmm(),
-                &candle_core::Device::Cpu,
-                candle_core::DType::F32,
-            )
-            .map(|m| vec![LoadedModel::new("toy-gmm".to_string(), m)])
-            .map_err(|e| e.to_string())
-        }),
-        EngineOptions { queue_depth: 16, default_model: Some("toy-gmm".into()), ..Default::default() },
-    );
-    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(60)), EngineState::Ready);
+    let engine = loaded_engine(&[("toy-gmm", toy_gmm())], 16);
     let mut config = Config::default();
     config.storage.data_dir = data.to_path_buf();
     config.storage.url = postgres();
@@ -200,6 +186,14 @@ async fn bad_experiments_and_requests_are_4xx_naming_the_field() {
     }
     let (st, _) = post(spec(&name), Some("admin")).await;
     assert_eq!(st, 201);
+    // A stored experiment this version cannot read (another version wrote it) does not hide the
+    // others from the list.
+    let url = postgres().unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data.path().join("tiller.db").display()));
+    let store = tiller::experiments::store::Store::open(&url).await.unwrap();
+    store.create_experiment(&unique("unreadable"), "{\"not\": \"a spec\"}").await.unwrap();
+    let (st, list) = send(&s, reqwest::Method::GET, "/v1/experiments", None, None).await;
+    assert_eq!(st, 200, "{list}");
+    assert!(list["data"].as_array().unwrap().iter().any(|e| e["name"] == name.as_str()), "{list}");
     let (st, resp) = post(spec(&name), Some("admin")).await;
     assert_error(st, &resp, 409, Some("name"));
     for (req, want, param) in [
@@ -366,16 +360,7 @@ async fn answered_records_survive_sigkill() {
 #[ignore]
 async fn fk_with_shapes_clip_beats_plain_ddim_on_the_default_model() {
     let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
-    let dir = models.join("shapes");
-    let engine = Engine::start(
-        Box::new(move || {
-            tiller::models::loader::load_model("shapes", &dir, &candle_core::Device::Cpu, candle_core::DType::F32)
-                .map(|m| vec![LoadedModel::new("shapes".to_string(), m)])
-                .map_err(|e| e.to_string())
-        }),
-        EngineOptions { queue_depth: 16, default_model: Some("shapes".into()), ..Default::default() },
-    );
-    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(120)), EngineState::Ready);
+    let engine = loaded_engine(&[("shapes", models.join("shapes"))], 16);
     let data = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.models.root = models;

@@ -15,26 +15,12 @@ use base64::Engine as _;
 use http_support::*;
 use serde_json::{json, Value};
 use tiller::config::Config;
-use tiller::engine::{Engine, EngineOptions, EngineState, LoadedModel};
 use tiller::reward::RewardConfig;
 
 /// A server whose engine loads `dirs` (name, directory) through the real loader.
 async fn server_with(dirs: Vec<(String, PathBuf)>, config: Config) -> TestServer {
-    let default = dirs[0].0.clone();
-    let engine = Engine::start(
-        Box::new(move || {
-            dirs.iter()
-                .map(|(name, dir)| {
-                    tiller::models::loader::load_model(name, dir, &candle_core::Device::Cpu, candle_core::DType::F32)
-                        .map(|m| LoadedModel::new(name.clone(), m))
-                        .map_err(|e| e.to_string())
-                })
-                .collect::<Result<Vec<_>, String>>()
-        }),
-        EngineOptions { queue_depth: 4, default_model: Some(default), ..Default::default() },
-    );
-    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(60)), EngineState::Ready);
-    start(engine, &config).await
+    let models: Vec<(&str, PathBuf)> = dirs.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    start(loaded_engine(&models, 4), &config).await
 }
 
 fn toy_gmm_dir() -> PathBuf {

@@ -11,13 +11,12 @@
 use axum::extract::multipart::{Multipart, MultipartRejection};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Map, Value};
 use std::time::Instant;
 
 use super::error::{ApiError, ErrorResponse};
-use super::handlers::{create_image_inner, prepare_parsed};
-use super::middleware::ModelLabel;
+use super::handlers::prepare_parsed;
 use super::types::{ImageEditForm, ImageGenerationRequest, ImagesResponse, SseEvent};
 use super::AppState;
 use crate::pipeline::edit::EditInput;
@@ -45,6 +44,12 @@ pub struct EditForm {
     pub strength: Option<f64>,
 }
 
+/// A form that cannot be read is the client's doing: 413 past the body limit, else 400.
+fn form_error(status: StatusCode, text: String) -> ApiError {
+    let status = if status == StatusCode::PAYLOAD_TOO_LARGE { status } else { StatusCode::BAD_REQUEST };
+    ApiError::new(status, "invalid_body", format!("Cannot read the multipart form: {text}"))
+}
+
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::invalid(param, message)
 }
@@ -55,14 +60,10 @@ pub(crate) async fn read_form(mut form: Multipart) -> Result<(ImageGenerationReq
     let mut edit = EditForm::default();
     let mut image: Option<Vec<u8>> = None;
     loop {
-        let field = form.next_field().await.map_err(|e| {
-            ApiError::new(e.status(), "invalid_body", format!("Cannot read the multipart form: {}", e.body_text()))
-        })?;
+        let field = form.next_field().await.map_err(|e| form_error(e.status(), e.body_text()))?;
         let Some(field) = field else { break };
         let name = field.name().unwrap_or_default().to_string();
-        let bytes = field.bytes().await.map_err(|e| {
-            ApiError::new(e.status(), "invalid_body", format!("Cannot read form field `{name}`: {}", e.body_text()))
-        })?;
+        let bytes = field.bytes().await.map_err(|e| form_error(e.status(), e.body_text()))?;
         match name.as_str() {
             "image" | "image[]" => {
                 if image.is_some() {
@@ -310,18 +311,7 @@ pub async fn edit_image(
         prepare_parsed(&state, req, Some(edit), id.map(|i| i.0 .0), &mut label)
     }
     .await;
-    let mut resp = match prepared {
-        Err(e) => e.into_response(),
-        Ok(p) if p.stream => super::stream::images_stream(state, p, t0).await,
-        Ok(p) => match create_image_inner(&state, p, t0).await {
-            Ok(r) => axum::Json(r).into_response(),
-            Err(e) => e.into_response(),
-        },
-    };
-    if let Some(model) = label {
-        resp.extensions_mut().insert(ModelLabel(model));
-    }
-    resp
+    super::handlers::respond(state, prepared, t0, label).await
 }
 
 #[cfg(test)]

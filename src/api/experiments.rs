@@ -18,7 +18,7 @@ use super::handlers::{prepare_parsed, Prepared};
 use super::types::{Image, ImageGenerationRequest};
 use super::AppState;
 use crate::engine::{JobOutput, Metrics};
-use crate::experiments::store::{self, Feedback, Record, Store, StoreError};
+use crate::experiments::store::{Feedback, Record, Store, StoreError};
 use crate::experiments::{Experiment, ExperimentList, ExperimentPatch, ExperimentResults, ExperimentSpec, Status};
 use crate::reward::RewardSpec;
 
@@ -170,28 +170,12 @@ pub(crate) async fn record_images(
     total_ms: f64,
 ) -> Result<Vec<String>, ApiError> {
     let store = state.experiments.get().await?;
-    let n = out.images.len().max(1) as i64;
-    let mut ids = Vec::with_capacity(out.images.len());
-    for img in &out.images {
-        let image_id = store::new_id();
-        let record = Record {
-            image_id: image_id.clone(),
-            experiment: joined.name.clone(),
-            arm: joined.arm.clone(),
-            user_hash: joined.user_hash.clone(),
-            prompt: p.job.params.prompt.clone(),
-            seed: img.seed,
-            metrics: img.metrics.iter().map(|(k, v)| (k.clone(), *v as f64)).collect(),
-            // The request's work, shared equally by its images.
-            denoiser_evals: out.denoiser_evals as i64 / n,
-            reward_evals: out.reward_evals as i64 / n,
-            latency_ms: total_ms,
-            created_at: store::now(),
-        };
-        store.insert_record(&record).await.map_err(|e| store_error(e, "record"))?;
-        ids.push(image_id);
+    let records =
+        Record::of_job(&joined.name, &joined.arm, joined.user_hash.as_deref(), &p.job.params.prompt, out, total_ms);
+    for record in &records {
+        store.insert_record(record).await.map_err(|e| store_error(e, "record"))?;
     }
-    Ok(ids)
+    Ok(records.into_iter().map(|r| r.image_id).collect())
 }
 
 /// Largest body of the experiment and feedback endpoints.

@@ -224,6 +224,17 @@ pub async fn create_image(
         super::experiments::prepare_request(&state, req, id.map(|i| i.0 .0), &mut label).await
     }
     .await;
+    respond(state, prepared, t0, label).await
+}
+
+/// Run a prepared image request and answer: an event stream with `stream: true`, else the
+/// images; the response carries the model's name for the request metrics.
+pub(crate) async fn respond(
+    state: AppState,
+    prepared: Result<Prepared, ApiError>,
+    t0: Instant,
+    label: Option<String>,
+) -> Response {
     let mut resp = match prepared {
         Err(e) => e.into_response(),
         Ok(p) if p.stream => super::stream::images_stream(state, p, t0).await,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::store::{new_id, Record};
+use super::store::Record;
 use super::{results, ArmSpec, Assignment, ExperimentResults, ExperimentSpec, Status};
 use crate::config::Config;
 use crate::error::{Result, TillerError};
@@ -111,7 +111,6 @@ pub async fn run(args: &ExperimentRunArgs) -> Result<ExperimentResults> {
     config.models.root = args.models_dir.clone();
     config.adapters.root = args.adapters_dir.clone();
     config.models.default = cfg.model.clone();
-    config.limits.request_timeout_secs = u64::MAX / 4;
     let engine = crate::api::engine_from_config(&config)?;
     if engine.wait_ready_blocking(std::time::Duration::from_secs(600)) != crate::engine::EngineState::Ready {
         return Err(TillerError::Other(anyhow::anyhow!("the models did not load")));
@@ -143,22 +142,7 @@ pub async fn run(args: &ExperimentRunArgs) -> Result<ExperimentResults> {
                     _ => return Err(TillerError::Cancelled),
                 };
                 let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
-                let n = out.images.len().max(1) as i64;
-                for img in &out.images {
-                    records.push(Record {
-                        image_id: new_id(),
-                        experiment: spec.name.clone(),
-                        arm: arm.name.clone(),
-                        user_hash: None,
-                        prompt: prompt.clone(),
-                        seed: img.seed,
-                        metrics: img.metrics.iter().map(|(k, v)| (k.clone(), *v as f64)).collect(),
-                        denoiser_evals: out.denoiser_evals as i64 / n,
-                        reward_evals: out.reward_evals as i64 / n,
-                        latency_ms,
-                        created_at: super::store::now(),
-                    });
-                }
+                records.extend(Record::of_job(&spec.name, &arm.name, None, prompt, &out, latency_ms));
                 eprint!("\r{} / {total} generations", records.len());
             }
         }

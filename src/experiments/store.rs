@@ -78,6 +78,37 @@ pub struct Record {
     pub created_at: i64,
 }
 
+impl Record {
+    /// One record per image of a finished job run under `experiment`/`arm`, with fresh ids; the
+    /// job's work is shared equally by its images.
+    pub fn of_job(
+        experiment: &str,
+        arm: &str,
+        user_hash: Option<&str>,
+        prompt: &str,
+        out: &crate::engine::JobOutput,
+        latency_ms: f64,
+    ) -> Vec<Record> {
+        let n = out.images.len().max(1) as i64;
+        out.images
+            .iter()
+            .map(|img| Record {
+                image_id: new_id(),
+                experiment: experiment.to_string(),
+                arm: arm.to_string(),
+                user_hash: user_hash.map(String::from),
+                prompt: prompt.to_string(),
+                seed: img.seed,
+                metrics: img.metrics.iter().map(|(k, v)| (k.clone(), *v as f64)).collect(),
+                denoiser_evals: out.denoiser_evals as i64 / n,
+                reward_evals: out.reward_evals as i64 / n,
+                latency_ms,
+                created_at: now(),
+            })
+            .collect()
+    }
+}
+
 /// One piece of feedback: a score, or a preference over another image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Feedback {

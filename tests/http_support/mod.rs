@@ -180,3 +180,24 @@ pub fn assert_error(status: u16, body: &serde_json::Value, want_status: u16, wan
         assert_eq!(err["param"], p, "{body}");
     }
 }
+
+/// An engine that loads `models` (name, directory) through the real loader on the CPU, ready
+/// (the first model is the default).
+pub fn loaded_engine(models: &[(&str, std::path::PathBuf)], queue_depth: usize) -> Engine {
+    let dirs: Vec<(String, std::path::PathBuf)> = models.iter().map(|(n, d)| (n.to_string(), d.clone())).collect();
+    let default = dirs[0].0.clone();
+    let engine = Engine::start(
+        Box::new(move || {
+            dirs.iter()
+                .map(|(name, dir)| {
+                    tiller::models::loader::load_model(name, dir, &Device::Cpu, DType::F32)
+                        .map(|m| LoadedModel::new(name.clone(), m))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()
+        }),
+        EngineOptions { queue_depth, default_model: Some(default), ..Default::default() },
+    );
+    assert_eq!(engine.wait_ready_blocking(Duration::from_secs(120)), tiller::engine::EngineState::Ready);
+    engine
+}
