@@ -253,6 +253,7 @@ async fn run(quick: bool) {
 }
 
 fn main() {
+    tiller::models::cpu_kernels::tune_process();
     let quick = std::env::args().any(|a| a == "quick") || std::env::var("TILLER_BENCH_QUICK").is_ok_and(|v| v == "1");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let t0 = Instant::now();

@@ -562,6 +562,7 @@ fn reward_split(setup: &Setup, batch: usize) -> (usize, f64, f64) {
 }
 
 fn main() {
+    tiller::models::cpu_kernels::tune_process();
     // `cargo bench` passes `--bench`; other words select the mode and the models.
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let quick = args.iter().any(|a| a == "quick") || std::env::var("TILLER_BENCH_QUICK").is_ok_and(|v| v == "1");

@@ -3,6 +3,7 @@ use clap::Parser;
 use tiller::cli::{Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
+    tiller::models::cpu_kernels::tune_process();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

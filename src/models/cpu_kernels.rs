@@ -6,12 +6,94 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+/// Process-wide settings that make the CPU path faster, applied by `tiller`'s `main` (and the
+/// benchmarks) before any other thread exists, because they are read once at start-up:
+///
+/// * candle's element-wise thread pool spins 25,000 times after each operation before it
+///   parks, while rayon's workers (the matrix products, these kernels) want the same cores:
+///   on 2 cores the spinning took a core from the next product. A short spin
+///   (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, unless the environment sets it) measured 10–15 % less
+///   time per UNet step.
+/// * glibc maps blocks above 128 KiB afresh and returns them on free, so every activation
+///   tensor of a forward pass paid page faults and zeroing; blocks up to 64 MiB now come from
+///   the heap, which keeps up to 512 MiB of freed memory for the next step.
+pub fn tune_process() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before other threads run.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
+/// 0: baseline x86-64 (SSE2) or another architecture, 1: AVX2 with FMA, 2: AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn simd_level() -> u8 {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            2
+        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            1
+        } else {
+            0
+        }
+    })
+}
+
+/// Defines a function whose body is compiled three times, for AVX-512, for AVX2 with FMA and
+/// for the x86-64 baseline, and runs the widest the CPU has: the element loops then vectorise
+/// to full width in a binary built for the baseline. The body is an `#[inline(always)]` inner
+/// function, so it is compiled inside each target-feature wrapper. Call these inside parallel
+/// tasks, around plain loops (rayon's machinery would not be inlined). The variants differ
+/// only in vector width, which no loop here lets change a result: reductions keep a fixed
+/// number of lanes, and no `*` and `+` are fused.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                // SAFETY: each variant runs only where its features were detected.
+                match simd_level() {
+                    2 => return unsafe { avx512($($arg),*) },
+                    1 => return unsafe { avx2($($arg),*) },
+                    _ => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 fn cpu_f32(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
-/// GroupNorm on (N, C, ...) f32 CPU tensors. `None` when the fast path does not apply.
-pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Option<Result<Tensor>> {
+/// GroupNorm on (N, C, ...) f32 CPU tensors, followed by SiLU when `silu` (the pair every
+/// ResNet block runs, in one pass over the data). Statistics are accumulated in f64. `None`
+/// when the fast path does not apply.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Option<Result<Tensor>> {
     if !cpu_f32(x) || !cpu_f32(weight) || !cpu_f32(bias) {
         return None;
     }
@@ -25,42 +107,82 @@ pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps
         let b = bias.to_vec1::<f32>()?;
         let span = cpg * spatial;
         data.par_chunks_mut(span).enumerate().for_each(|(i, chunk)| {
-            let g = i % groups;
-            let len = chunk.len() as f64;
-            let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / len;
-            let var = chunk.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (k, ch) in chunk.chunks_mut(spatial).enumerate() {
-                let cc = g * cpg + k;
-                let scale = (inv * w[cc] as f64) as f32;
-                let shift = (b[cc] as f64 - mean * inv * w[cc] as f64) as f32;
-                for v in ch.iter_mut() {
-                    *v = *v * scale + shift;
-                }
-            }
+            let c0 = (i % groups) * cpg;
+            group_norm_group(chunk, spatial, &w[c0..c0 + cpg], &b[c0..c0 + cpg], eps, silu)
         });
         debug_assert_eq!(data.len(), n * c * spatial);
         Tensor::from_vec(data, dims, x.device())
     })())
 }
 
-/// exp(x) for f32 via 2^i · e^y with i = round(x·log2 e) and |y| ≤ ln2/2, e^y by its degree-7
+multiversion! {
+    /// Normalises one group (`w.len()` channels of `spatial` values) in place, then SiLU.
+    fn group_norm_group(chunk: &mut [f32], spatial: usize, w: &[f32], b: &[f32], eps: f64, silu: bool) {
+        let len = chunk.len() as f64;
+        let mean = lanes_sum_f64(chunk, |v| v as f64) / len;
+        let var = lanes_sum_f64(chunk, |v| (v as f64 - mean) * (v as f64 - mean)) / len;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((ch, &wc), &bc) in chunk.chunks_mut(spatial).zip(w).zip(b) {
+            let scale = (inv * wc as f64) as f32;
+            let shift = (bc as f64 - mean * inv * wc as f64) as f32;
+            if silu {
+                ch.iter_mut().for_each(|v| {
+                    let y = *v * scale + shift;
+                    *v = y / (1.0 + fast_exp(-y));
+                });
+            } else {
+                ch.iter_mut().for_each(|v| *v = *v * scale + shift);
+            }
+        }
+    }
+}
+
+/// `Σ f(v)` in f64 over 8 independent lanes (vectorisable), then the lanes combined.
+#[inline(always)]
+fn lanes_sum_f64(v: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] += f(c[j]);
+        }
+    }
+    rest.iter().map(|&x| f(x)).sum::<f64>() + acc.iter().sum::<f64>()
+}
+
+/// exp(x) for f32 (arguments clamped to [−87, 88], where f32 results stay normal) via 2^i · e^y with i = round(x·log2 e) and |y| ≤ ln2/2, e^y by its degree-7
 /// Taylor polynomial (truncation error < 1e-8): accurate to a few ulp, and it vectorises.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
-    let x = x.max(-87.0);
+    let x = x.clamp(-87.0, 88.0);
     // Round to nearest by the 1.5·2^23 trick: `f32::round` is a libm call without SSE4.1 and
     // would stop the loop from vectorising.
     const MAGIC: f32 = 12_582_912.0;
-    let i = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let i = t - MAGIC;
     // Cody–Waite: ln 2 split in a part exact in f32 and a correction, so y keeps its bits.
     let y = (x - i * 0.693_145_75) - i * 1.428_606_8e-6;
     let p = 1.0
         + y * (1.0
             + y * (0.5
                 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0 + y * (1.0 / 5040.0)))))));
-    let bits = ((i as i32 + 127) as u32) << 23;
+    // 2^i from t's own bits: t's low mantissa bits hold i (offset by MAGIC's), so integer
+    // arithmetic gives the exponent field. `i as i32` would be a saturating conversion, which
+    // costs several instructions per lane in the vectorised loop.
+    let bits = (t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127)) << 23;
     p * f32::from_bits(bits)
+}
+
+/// `max` as one instruction per lane: `f32::max`'s NaN rule costs a compare and blend more, and
+/// a NaN score reaches the output either way (through the exponentials).
+#[inline(always)]
+fn fast_max(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
 }
 
 /// Reduce with 8 independent lanes (vectorisable), then combine the lanes.
@@ -98,21 +220,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Option<Result<Tensor>> {
         let dims = x.dims().to_vec();
         let len = *dims.last().unwrap_or(&1);
         let mut data = x.flatten_all()?.to_vec1::<f32>()?;
-        data.par_chunks_mut(len.max(1) * 64).for_each(|rows| {
-            for row in rows.chunks_mut(len.max(1)) {
-                // Separate passes with 8 independent accumulators, so each one vectorises
-                // (a single running max/sum is a serial float reduction LLVM will not reorder).
-                let m = lanes_reduce(row, f32::NEG_INFINITY, f32::max);
-                if m == f32::NEG_INFINITY {
-                    row.iter_mut().for_each(|v| *v = f32::NAN);
-                    continue;
-                }
-                let inv = 1.0 / exp_shifted_sum(row, m);
-                row.iter_mut().for_each(|v| *v *= inv);
-            }
-        });
+        data.par_chunks_mut(len.max(1) * 64).for_each(|rows| softmax_rows(rows, len.max(1)));
         Tensor::from_vec(data, dims, x.device())
     })())
+}
+
+multiversion! {
+    /// Softmax of each `len`-long row of `rows`, in place.
+    fn softmax_rows(rows: &mut [f32], len: usize) {
+        for row in rows.chunks_mut(len) {
+            // Separate passes with 8 independent accumulators, so each one vectorises
+            // (a single running max/sum is a serial float reduction LLVM will not reorder).
+            let m = lanes_reduce(row, f32::NEG_INFINITY, fast_max);
+            if m == f32::NEG_INFINITY {
+                row.iter_mut().for_each(|v| *v = f32::NAN);
+                continue;
+            }
+            let inv = 1.0 / exp_shifted_sum(row, m);
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
 }
 
 /// 2-D convolution (NCHW, square kernel, no dilation/groups) as im2col + one GEMM per image,
@@ -136,25 +263,27 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         let ow = (wd + 2 * padding - k) / stride + 1;
         let n = oh * ow;
         let kk = c_in * k * k;
-        let mut out = vec![0f32; b * c_out * n];
+        // The output starts as the bias planes, or unwritten: the GEMMs write every element.
+        let mut out = Vec::with_capacity(b * c_out * n);
         if let Some(bias) = bias {
             if bias.dims1()? != c_out {
                 candle_core::bail!("conv2d: bias {:?} for {c_out} output channels", bias.dims());
             }
             let bv = bias.to_vec1::<f32>()?;
-            for (plane, &bc) in out.chunks_exact_mut(n).zip(bv.iter().cycle()) {
-                plane.fill(bc);
+            for _ in 0..b {
+                bv.iter().for_each(|&bc| out.extend(std::iter::repeat_n(bc, n)));
             }
         }
+        let out_ptr = SharedMut(out.as_mut_ptr());
         let threads = candle_core::utils::get_num_threads();
         let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
         let pointwise = k == 1 && stride == 1 && padding == 0;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
-        // Patches laid out one output pixel per row (N, K): gemm is ~2x faster on the
-        // transposed view of this than on the usual (K, N) im2col matrix. Large images go in
-        // bands of output rows (at most IM2COL_BAND floats of patches each), so the buffer
-        // stays small and warm instead of hundreds of MB of fresh pages per call; the bands
-        // depend only on the image's shape, never on the batch.
+        // Patches laid out one patch element per row (K, N), each row a shifted copy of input
+        // rows (cheap to build, and the layout gemm's AVX-512 kernels pack fastest). Large
+        // images go in bands of output rows (at most IM2COL_BAND floats of patches each), so
+        // the buffer stays small and warm instead of hundreds of MB of fresh pages per call;
+        // the bands depend only on the image's shape, never on the batch.
         let band_rows = (IM2COL_BAND / (ow * kk).max(1)).clamp(1, oh);
         let band_len = if pointwise { 0 } else { band_rows * ow * kk };
         let (band_rows, bands) = if pointwise { (oh, 1) } else { (band_rows, oh.div_ceil(band_rows)) };
@@ -167,9 +296,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                 with_f32_slice(&x, |xd| {
                     for bi in 0..b {
                         let src = &xd[bi * c_in * h * wd..(bi + 1) * c_in * h * wd];
-                        let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
-                        // rhs (K × N): the input itself for a 1×1 conv, else the transposed patches
-                        // of one band of output rows, written to the band's columns of `dst`.
+                        let dst = out_ptr.at(bi * c_out * n);
+                        // rhs (K × N): the input itself for a 1×1 conv, else the patches of one
+                        // band of output rows, written to the band's columns of `dst`.
                         for band in 0..bands {
                             let oy0 = band * band_rows;
                             let cols_n = band_rows.min(oh - oy0) * ow;
@@ -177,14 +306,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                                 (src.as_ptr(), 1, n as isize)
                             } else {
                                 im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0);
-                                (cols.as_ptr(), kk as isize, 1)
+                                (cols.as_ptr(), 1, cols_n as isize)
                             };
+                            // SAFETY: `out` has capacity for every image; the band's columns
+                            // lie inside this image's planes. Without a bias gemm only writes.
                             unsafe {
                                 gemm::gemm(
                                     c_out,
                                     cols_n,
                                     kk,
-                                    dst[oy0 * ow..].as_mut_ptr(),
+                                    dst.add(oy0 * ow),
                                     1,
                                     n as isize,
                                     bias.is_some(),
@@ -207,7 +338,77 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                 })
             })
         })??;
+        // SAFETY: every element was written, by the bias fill or by the GEMMs (all images, all
+        // bands).
+        unsafe { out.set_len(b * c_out * n) };
         Tensor::from_vec(out, (b, c_out, oh, ow), x.device())
+    })())
+}
+
+/// `y = x Wᵀ + b` for an f32 CPU input of `samples` blocks of `per` rows each (`x` is
+/// `samples·per × in`, `W` is `out × in`), one GEMM writing straight into the output on top of
+/// the bias. With `separate`, each block gets its own GEMM (same shapes whatever the batch, for
+/// products where gemm's kernel choice depends on the row count). `None` when the fast path
+/// does not apply.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, separate: bool) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) || !cpu_f32(w) || bias.is_some_and(|b| !cpu_f32(b)) {
+        return None;
+    }
+    Some((|| {
+        let (rows, in_dim) = x.dims2()?;
+        let (out_dim, in_w) = w.dims2()?;
+        if in_w != in_dim || samples == 0 || !rows.is_multiple_of(samples) {
+            candle_core::bail!("linear: input {:?} does not match weight {:?}", x.dims(), w.dims());
+        }
+        // The output starts as the bias rows, or unwritten: gemm writes every element.
+        let mut out = Vec::with_capacity(rows * out_dim);
+        if let Some(bias) = bias {
+            let bv = bias.to_vec1::<f32>()?;
+            if bv.len() != out_dim {
+                candle_core::bail!("linear: bias {:?} for {out_dim} outputs", bias.dims());
+            }
+            (0..rows).for_each(|_| out.extend_from_slice(&bv));
+        }
+        let (blocks, per) = if separate { (samples, rows / samples) } else { (1, rows) };
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        with_f32_slice(&w, |wm| {
+            with_f32_slice(&x, |xd| {
+                let dst = out.as_mut_ptr();
+                for i in 0..blocks {
+                    // dst (per × out) = x_i (per × in) · Wᵀ, Wᵀ read in place (column j = row j
+                    // of W). SAFETY: `out` has capacity for all blocks; without a bias, gemm
+                    // only writes (read_dst is false), and `set_len` follows the last block.
+                    unsafe {
+                        gemm::gemm(
+                            per,
+                            out_dim,
+                            in_dim,
+                            dst.add(i * per * out_dim),
+                            1,
+                            out_dim as isize,
+                            bias.is_some(),
+                            xd[i * per * in_dim..].as_ptr(),
+                            1,
+                            in_dim as isize,
+                            wm.as_ptr(),
+                            in_dim as isize,
+                            1,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            par,
+                        );
+                    }
+                }
+            })
+        })??;
+        // SAFETY: every element was written, by the bias fill or by gemm.
+        unsafe { out.set_len(rows * out_dim) };
+        Tensor::from_vec(out, (rows, out_dim), x.device())
     })())
 }
 
@@ -219,9 +420,9 @@ thread_local! {
     static IM2COL_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Patches of output rows `oy0..` of one image (as many as `cols` holds), one output pixel per
-/// row: `cols[((oy - oy0)·ow + ox)·K + (ci·k + ky)·k + kx]`.
-/// Every element is written, padding positions as zeros, so the buffer can be reused.
+/// Patches of output rows `oy0..` of one image (as many as `cols` holds), one patch element
+/// per row: `cols[((ci·k + ky)·k + kx)·cols_n + (oy − oy0)·ow + ox]`, `cols_n` output pixels
+/// per row. Every element is written, padding positions as zeros, so the buffer can be reused.
 #[allow(clippy::too_many_arguments)]
 fn im2col(
     src: &[f32],
@@ -236,31 +437,29 @@ fn im2col(
     oy0: usize,
 ) {
     let kk = c_in * k * k;
-    cols.par_chunks_mut(ow * kk).enumerate().for_each(|(r, rows)| {
-        let oy = oy0 + r;
-        for ci in 0..c_in {
-            let plane = &src[ci * h * wd..(ci + 1) * h * wd];
-            for ky in 0..k {
-                let iy = (oy * stride + ky) as isize - padding as isize;
-                let off = (ci * k + ky) * k;
-                if iy < 0 || iy >= h as isize {
-                    for ox in 0..ow {
-                        rows[ox * kk + off..ox * kk + off + k].fill(0.0);
-                    }
-                    continue;
-                }
-                let line = &plane[iy as usize * wd..(iy as usize + 1) * wd];
-                for ox in 0..ow {
-                    let x0 = (ox * stride) as isize - padding as isize;
-                    let dst = &mut rows[ox * kk + off..ox * kk + off + k];
-                    if x0 >= 0 && x0 as usize + k <= wd {
-                        dst.copy_from_slice(&line[x0 as usize..x0 as usize + k]);
-                    } else {
-                        for (kx, d) in dst.iter_mut().enumerate() {
-                            let ix = x0 + kx as isize;
-                            *d = if ix >= 0 && ix < wd as isize { line[ix as usize] } else { 0.0 };
-                        }
-                    }
+    let cols_n = cols.len() / kk;
+    let rows = cols_n / ow;
+    cols.par_chunks_mut(cols_n).enumerate().for_each(|(r, dst)| {
+        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+        let plane = &src[ci * h * wd..(ci + 1) * h * wd];
+        // Output columns whose input column `ox·stride + kx − padding` lies inside the image.
+        let ox_lo = padding.saturating_sub(kx).div_ceil(stride).min(ow);
+        let ox_hi = ((wd + padding).saturating_sub(kx)).div_ceil(stride).clamp(ox_lo, ow);
+        for (oy_rel, out) in dst.chunks_exact_mut(ow).take(rows).enumerate() {
+            let iy = ((oy0 + oy_rel) * stride + ky) as isize - padding as isize;
+            if iy < 0 || iy >= h as isize {
+                out.fill(0.0);
+                continue;
+            }
+            let line = &plane[iy as usize * wd..(iy as usize + 1) * wd];
+            out[..ox_lo].fill(0.0);
+            out[ox_hi..].fill(0.0);
+            let x0 = ox_lo * stride + kx - padding;
+            if stride == 1 {
+                out[ox_lo..ox_hi].copy_from_slice(&line[x0..x0 + (ox_hi - ox_lo)]);
+            } else {
+                for (o, ix) in out[ox_lo..ox_hi].iter_mut().zip((x0..).step_by(stride)) {
+                    *o = line[ix];
                 }
             }
         }
@@ -270,7 +469,7 @@ fn im2col(
 /// Query rows per task and key columns per tile of [`attention`]. Fixed sizes: a row's
 /// arithmetic (which keys share a tile, the order tiles are folded in) never depends on how
 /// many other rows, heads or batch entries are computed with it.
-const ATTN_Q_TILE: usize = 64;
+const ATTN_Q_TILE: usize = 256;
 const ATTN_K_TILE: usize = 256;
 
 /// A pointer shared by tasks that write disjoint parts of one buffer.
@@ -368,18 +567,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
                                         gemm::Parallelism::None,
                                     );
                                 }
-                                for (i, srow) in s.chunks_exact_mut(cols).enumerate() {
-                                    let tile_max = lanes_reduce(srow, f32::NEG_INFINITY, f32::max);
-                                    let new_max = row_max[i].max(tile_max);
-                                    let tile_sum = exp_shifted_sum(srow, new_max);
-                                    if row_max[i] != f32::NEG_INFINITY && new_max != row_max[i] {
-                                        let c = fast_exp(row_max[i] - new_max);
-                                        row_sum[i] *= c;
-                                        acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= c);
-                                    }
-                                    row_max[i] = new_max;
-                                    row_sum[i] += tile_sum;
-                                }
+                                online_softmax_tile(s, cols, &mut row_max[..rows], &mut row_sum[..rows], acc, d);
                                 // acc += P V.
                                 unsafe {
                                     gemm::gemm(
@@ -423,6 +611,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
     })())
 }
 
+multiversion! {
+    /// One key tile of the online softmax: turns the tile's scores `s` (rows × cols) into
+    /// `exp(score − running max)` in place, and rescales each row's running sum and output
+    /// accumulator (`d` values per row) when its maximum grows.
+    fn online_softmax_tile(s: &mut [f32], cols: usize, row_max: &mut [f32], row_sum: &mut [f32], acc: &mut [f32], d: usize) {
+        for (i, srow) in s.chunks_exact_mut(cols).enumerate() {
+            let tile_max = lanes_reduce(srow, f32::NEG_INFINITY, fast_max);
+            let new_max = row_max[i].max(tile_max);
+            let tile_sum = exp_shifted_sum(srow, new_max);
+            if row_max[i] != f32::NEG_INFINITY && new_max != row_max[i] {
+                let c = fast_exp(row_max[i] - new_max);
+                row_sum[i] *= c;
+                acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= c);
+            }
+            row_max[i] = new_max;
+            row_sum[i] += tile_sum;
+        }
+    }
+}
+
 /// erf evaluated in f64 with Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7.
 #[inline(always)]
 fn erf(x: f64) -> f64 {
@@ -438,6 +646,54 @@ fn erf(x: f64) -> f64 {
     s * (1.0 - poly * e)
 }
 
+multiversion! {
+    fn gelu_erf_in_place(c: &mut [f32]) {
+        for v in c.iter_mut() {
+            let z = *v as f64;
+            *v = (0.5 * z * (1.0 + erf(z * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = hidden[i] · gelu(gate[i])` for one row `[hidden | gate]` of a GEGLU projection.
+    fn geglu_row(row: &[f32], out: &mut [f32]) {
+        let (hidden, gate) = row.split_at(out.len());
+        for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
+            let z = g as f64;
+            *o = h * (0.5 * z * (1.0 + erf(z * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+        }
+    }
+}
+
+/// GEGLU on an f32 CPU tensor (…, 2h): the first half times the exact GELU of the second, in
+/// one pass (no copies of the two halves). `None` when the fast path does not apply.
+pub fn geglu(x: &Tensor) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) {
+        return None;
+    }
+    Some((|| {
+        let mut dims = x.dims().to_vec();
+        let two_h = *dims.last().unwrap_or(&0);
+        if two_h == 0 || !two_h.is_multiple_of(2) {
+            candle_core::bail!("geglu: last dimension {two_h} is not even");
+        }
+        let h = two_h / 2;
+        let rows = x.elem_count() / two_h;
+        let x = x.contiguous()?;
+        let mut out = vec![0f32; rows * h];
+        with_f32_slice(&x, |xd| {
+            out.par_chunks_mut(h * 16).zip(xd.par_chunks(two_h * 16)).for_each(|(o, i)| {
+                for (orow, irow) in o.chunks_exact_mut(h).zip(i.chunks_exact(two_h)) {
+                    geglu_row(irow, orow);
+                }
+            })
+        })?;
+        *dims.last_mut().unwrap() = h;
+        Tensor::from_vec(out, dims, x.device())
+    })())
+}
+
 /// GELU with the exact erf form (PyTorch's default `F.gelu`) on an f32 CPU tensor.
 pub fn gelu_erf(x: &Tensor) -> Option<Result<Tensor>> {
     if !cpu_f32(x) {
@@ -446,12 +702,7 @@ pub fn gelu_erf(x: &Tensor) -> Option<Result<Tensor>> {
     Some((|| {
         let dims = x.dims().to_vec();
         let mut data = x.flatten_all()?.to_vec1::<f32>()?;
-        data.par_chunks_mut(4096).for_each(|c| {
-            for v in c.iter_mut() {
-                let z = *v as f64;
-                *v = (0.5 * z * (1.0 + erf(z * std::f64::consts::FRAC_1_SQRT_2))) as f32;
-            }
-        });
+        data.par_chunks_mut(4096).for_each(gelu_erf_in_place);
         Tensor::from_vec(data, dims, x.device())
     })())
 }
@@ -582,12 +833,40 @@ mod tests {
     }
 
     #[test]
+    fn geglu_matches_composed_ops() {
+        let x = Tensor::randn(0f32, 2.0, (2, 37, 2 * 24), &Device::Cpu).unwrap();
+        let fast = geglu(&x).unwrap().unwrap();
+        let slow = (x.narrow(2, 0, 24).unwrap() * x.narrow(2, 24, 24).unwrap().gelu_erf().unwrap()).unwrap();
+        let d: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-5, "geglu differs by {d}");
+    }
+
+    #[test]
+    fn linear_matches_matmul() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3 * 50, 40), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.2, (30, 40), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.2, 30, &dev).unwrap();
+        let slow = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+        for separate in [false, true] {
+            let fast = linear(&x, &w, Some(&b), 3, separate).unwrap().unwrap();
+            let d: f32 = (fast - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(d < 1e-5, "linear (separate {separate}) differs by {d}");
+        }
+        let fast = linear(&x, &w, None, 1, false).unwrap().unwrap();
+        let d: f32 =
+            (fast - x.matmul(&w.t().unwrap()).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-5, "linear without bias differs by {d}");
+    }
+
+    #[test]
     fn kernels_match_composed_ops() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 3.0, (2, 8, 5, 7), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.1, 8, &dev).unwrap();
         let b = Tensor::randn(0f32, 0.1, 8, &dev).unwrap();
-        let fast = group_norm(&x, &w, &b, 4, 1e-5).unwrap().unwrap();
+        let fast = group_norm(&x, &w, &b, 4, 1e-5, false).unwrap().unwrap();
+        let fused_silu = group_norm(&x, &w, &b, 4, 1e-5, true).unwrap().unwrap();
         let g = x.reshape((2, 4, 70)).unwrap();
         let mean = g.mean_keepdim(2).unwrap();
         let c = g.broadcast_sub(&mean).unwrap();
@@ -601,8 +880,11 @@ mod tests {
             .unwrap()
             .broadcast_add(&b.reshape((1, 8, 1, 1)).unwrap())
             .unwrap();
-        let d: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f32 = (fast - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(d < 1e-5, "group norm differs by {d}");
+        let d: f32 =
+            (fused_silu - slow.silu().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-5, "group norm + SiLU differs by {d}");
 
         let s = Tensor::randn(0f32, 4.0, (3, 5, 33), &dev).unwrap();
         let fast = softmax_last_dim(&s).unwrap().unwrap();

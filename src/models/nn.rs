@@ -44,6 +44,20 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
+/// GEGLU (`hidden · gelu(gate)` over the two halves of the last dimension, exact GELU): one
+/// fused pass on the CPU when no gradient is recorded.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        if let Some(r) = super::cpu_kernels::geglu(x) {
+            return r;
+        }
+    }
+    let half = x.dim(D::Minus1)? / 2;
+    let hidden = x.narrow(D::Minus1, 0, half)?;
+    let gate = x.narrow(D::Minus1, half, half)?;
+    hidden * gelu_erf(&gate)?
+}
+
 /// Unmerged LoRA factors of one layer: the layer adds `scale · up(down(x))`.
 #[derive(Debug, Clone)]
 struct LoraFactors {
@@ -118,6 +132,13 @@ impl Module for Linear {
                 let rank = l.down.dim(0)?;
                 Ok(any || batch_changes_rounding(per, in_dim, rank) || batch_changes_rounding(per, rank, l.up.dim(0)?))
             })?;
+        if self.lora.is_empty() && use_fused(x) {
+            if let Some(y) = super::cpu_kernels::linear(&x2, &self.weight, self.bias.as_ref(), samples, own) {
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+                return y?.reshape(out_dims);
+            }
+        }
         let (samples, per) = if own { (samples, per) } else { (1, rows) };
         let product = |a: &Tensor| -> Result<Tensor> {
             let mut y = a.matmul(&self.weight.t()?)?;
@@ -217,12 +238,22 @@ impl GroupNorm {
         }
         Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
     }
+
+    /// `act(GroupNorm(x))`, in one pass on the CPU for SiLU.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        if act == Activation::Silu && use_fused(x) {
+            if let Some(r) = super::cpu_kernels::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true) {
+                return r;
+            }
+        }
+        act.apply(&self.forward(x)?)
+    }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if use_fused(x) {
-            if let Some(r) = super::cpu_kernels::group_norm(x, &self.weight, &self.bias, self.groups, self.eps) {
+            if let Some(r) = super::cpu_kernels::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false) {
                 return r;
             }
         }

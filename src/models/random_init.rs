@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
+use super::clip_text::{ClipTextConfig, ClipTextModel};
 use super::unet_2d::{UNet2DConditionModel, UNet2DConfig};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::error::{Result, TillerError};
@@ -38,11 +39,15 @@ fn randomise(vm: &VarMap, seed: u64) -> Result<()> {
 }
 
 fn write(dir: &Path, config: &serde_json::Value, vm: &VarMap) -> Result<()> {
+    write_as(dir, config, vm, "diffusion_pytorch_model.safetensors")
+}
+
+fn write_as(dir: &Path, config: &serde_json::Value, vm: &VarMap, weights: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TillerError::file(dir, e.to_string()))?;
     let cfg = dir.join("config.json");
     std::fs::write(&cfg, serde_json::to_string_pretty(config).expect("json"))
         .map_err(|e| TillerError::file(&cfg, e.to_string()))?;
-    vm.save(dir.join("diffusion_pytorch_model.safetensors"))?;
+    vm.save(dir.join(weights))?;
     Ok(())
 }
 
@@ -69,4 +74,18 @@ pub fn write_random_vae(dir: &Path, config: &serde_json::Value, seed: u64) -> Re
     AutoencoderKL::load(vb, &parsed)?;
     randomise(&vm, seed)?;
     write(dir, config, &vm)
+}
+
+/// Write `dir/config.json` and random weights (`model.safetensors`, transformers' layout) for a
+/// CLIP text encoder described by its transformers config JSON.
+pub fn write_random_clip_text(dir: &Path, config: &serde_json::Value, seed: u64) -> Result<()> {
+    let parsed: ClipTextConfig =
+        serde_json::from_value(config.clone()).map_err(|e| TillerError::field("text encoder config", e.to_string()))?;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    // Registered first so the loader takes the `text_model.`-prefixed names transformers saves.
+    vb.get((parsed.vocab_size, parsed.hidden_size), "text_model.embeddings.token_embedding.weight")?;
+    ClipTextModel::load(vb, &parsed)?;
+    randomise(&vm, seed)?;
+    write_as(dir, config, &vm, "model.safetensors")
 }

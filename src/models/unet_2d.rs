@@ -186,12 +186,12 @@ impl ResnetBlock {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.act.apply(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_act(x, self.act)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&self.act.apply(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.act.apply(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_act(&h, self.act)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -282,10 +282,7 @@ impl TransformerBlock {
         let x = (&x + self.attn2.forward(&self.norm2.forward(&x)?, Some(context))?)?;
         // GEGLU: hidden * gelu(gate) with the exact (erf) GELU.
         let proj = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        let half = proj.dim(2)? / 2;
-        let hidden = proj.narrow(2, 0, half)?;
-        let gate = proj.narrow(2, half, half)?;
-        let ff = self.ff_out.forward(&(hidden * super::nn::gelu_erf(&gate)?)?)?;
+        let ff = self.ff_out.forward(&super::nn::geglu(&proj)?)?;
         x + ff
     }
 }
@@ -722,7 +719,7 @@ impl UNet2DConditionModel {
                 x = us.forward(&x.upsample_nearest2d(th, tw)?)?;
             }
         }
-        let x = self.conv_out.forward(&self.act.apply(&self.conv_norm_out.forward(&x)?)?)?;
+        let x = self.conv_out.forward(&self.conv_norm_out.forward_act(&x, self.act)?)?;
         debug_assert_eq!((x.dim(2)?, x.dim(3)?), (h, w));
         Ok(x)
     }

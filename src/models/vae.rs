@@ -297,7 +297,7 @@ impl AutoencoderKL {
                 x = up.forward(&x.upsample_nearest2d(h * 2, w * 2)?)?;
             }
         }
-        d.conv_out.forward(&d.act.apply(&d.norm_out.forward(&x)?)?)
+        d.conv_out.forward(&d.norm_out.forward_act(&x, d.act)?)
     }
 
     /// Posterior mean of the latent distribution (unscaled) for images in [-1, 1].
@@ -329,7 +329,7 @@ impl AutoencoderKL {
             }
         }
         h = e.mid.forward(&h)?;
-        h = e.conv_out.forward(&e.act.apply(&e.norm_out.forward(&h)?)?)?;
+        h = e.conv_out.forward(&e.norm_out.forward_act(&h, e.act)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
