@@ -29,6 +29,20 @@ pub fn tune_process() {
     }
 }
 
+/// Runs `f` on a worker thread of rayon's global pool (directly when already on one). A forward
+/// pass issues hundreds of parallel products and kernels; called from a thread outside the pool,
+/// each one hands its work over and puts the caller to sleep until it is done, and the
+/// wake-ups cost more than the small products themselves. From a worker, the caller takes part
+/// in the work and nested calls stay on the pool. Results are unchanged: only which thread runs
+/// what differs.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// 0: baseline x86-64 (SSE2) or another architecture, 1: AVX2 with FMA, 2: AVX-512.
 #[cfg(target_arch = "x86_64")]
 fn simd_level() -> u8 {
@@ -174,6 +188,27 @@ fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
+/// 2^x for f32 (arguments clamped to [−126, 127], where results stay normal): 2^i · 2^f with
+/// i = round(x) and |f| ≤ ½, 2^f by its degree-6 Taylor polynomial in f·ln 2 (truncation error
+/// below 1.3e-7). Cheaper than [`fast_exp`] by the multiply by log2 e and the two-part range
+/// reduction; the fused attention scores in log2 units so that it can use this.
+#[inline(always)]
+fn fast_exp2(x: f32) -> f32 {
+    let x = x.clamp(-126.0, 127.0);
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x + MAGIC;
+    let f = x - (t - MAGIC);
+    const L: f32 = std::f32::consts::LN_2;
+    let p = 1.0
+        + f * (L + f
+            * (L * L / 2.0
+                + f * (L * L * L / 6.0
+                    + f * (L * L * L * L / 24.0
+                        + f * (L * L * L * L * L / 120.0 + f * (L * L * L * L * L * L / 720.0))))));
+    let bits = (t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127)) << 23;
+    p * f32::from_bits(bits)
+}
+
 /// `max` as one instruction per lane: `f32::max`'s NaN rule costs a compare and blend more, and
 /// a NaN score reaches the output either way (through the exponentials).
 #[inline(always)]
@@ -287,8 +322,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         let band_rows = (IM2COL_BAND / (ow * kk).max(1)).clamp(1, oh);
         let band_len = if pointwise { 0 } else { band_rows * ow * kk };
         let (band_rows, bands) = if pointwise { (oh, 1) } else { (band_rows, oh.div_ceil(band_rows)) };
-        IM2COL_BUFFER.with_borrow_mut(|cols| {
+        IM2COL_BUFFER.with(|buffer| {
             // Reused between calls on this thread: `im2col` writes every element it hands to gemm.
+            // A rayon worker waiting inside one convolution's GEMM may run another convolution
+            // (of another forward pass) on the same thread: that one gets a buffer of its own.
+            let mut own = Vec::new();
+            let mut shared = buffer.try_borrow_mut();
+            let cols = match shared.as_deref_mut() {
+                Ok(cols) => cols,
+                Err(_) => &mut own,
+            };
             if cols.len() < band_len {
                 cols.resize(band_len, 0.0);
             }
@@ -499,9 +542,9 @@ fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// Multi-head scaled dot-product attention on (B, N, H·d) queries and (B, M, H·d) keys and
 /// values, f32 on the CPU, without materialising the (N, M) score matrix: for each batch entry,
-/// head and tile of 64 queries, key tiles of 256 are scored with one GEMM, folded into a
+/// head and tile of 256 queries, key tiles of 256 are scored with one GEMM, folded into a
 /// running row maximum and sum (the online softmax of FlashAttention, Dao et al. 2022), and
-/// their values accumulated with a second GEMM. Memory is O(threads · 64 · 256) beyond the
+/// their values accumulated with a second GEMM. Memory is O(threads · 256 · 256) beyond the
 /// output, and tasks run in parallel over batch × heads × query tiles. `None` when the fast
 /// path does not apply.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Result<Tensor>> {
@@ -520,7 +563,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
             );
         }
         let d = inner / heads;
-        let scale = 1.0 / (d as f32).sqrt();
+        // Scores in log2 units (softmax(s) = 2^(s·log2 e − max) / Σ), so the softmax can use the
+        // cheaper `fast_exp2`.
+        let scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let mut out = vec![0f32; b * n * inner];
         let dst = SharedMut(out.as_mut_ptr());
@@ -612,16 +657,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
 }
 
 multiversion! {
-    /// One key tile of the online softmax: turns the tile's scores `s` (rows × cols) into
-    /// `exp(score − running max)` in place, and rescales each row's running sum and output
+    /// One key tile of the online softmax: turns the tile's scores `s` (rows × cols, log2
+    /// units) into `2^(score − running max)` in place, and rescales each row's running sum and output
     /// accumulator (`d` values per row) when its maximum grows.
     fn online_softmax_tile(s: &mut [f32], cols: usize, row_max: &mut [f32], row_sum: &mut [f32], acc: &mut [f32], d: usize) {
         for (i, srow) in s.chunks_exact_mut(cols).enumerate() {
             let tile_max = lanes_reduce(srow, f32::NEG_INFINITY, fast_max);
             let new_max = row_max[i].max(tile_max);
-            let tile_sum = exp_shifted_sum(srow, new_max);
+            // 2^(s − max) in place and its sum, in one pass over 16 lanes.
+            let mut lanes = [0f32; 16];
+            let mut chunks = srow.chunks_exact_mut(16);
+            for c in &mut chunks {
+                for j in 0..16 {
+                    c[j] = fast_exp2(c[j] - new_max);
+                    lanes[j] += c[j];
+                }
+            }
+            let mut tile_sum = 0.0;
+            for v in chunks.into_remainder() {
+                *v = fast_exp2(*v - new_max);
+                tile_sum += *v;
+            }
+            tile_sum += lanes_reduce(&lanes, 0.0, |a, b| a + b);
             if row_max[i] != f32::NEG_INFINITY && new_max != row_max[i] {
-                let c = fast_exp(row_max[i] - new_max);
+                let c = fast_exp2(row_max[i] - new_max);
                 row_sum[i] *= c;
                 acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= c);
             }
@@ -710,6 +769,18 @@ pub fn gelu_erf(x: &Tensor) -> Option<Result<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_exp2_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -120.0f32;
+        while x <= 20.0 {
+            let exact = (x as f64).exp2();
+            worst = worst.max(((fast_exp2(x) as f64 - exact) / exact).abs());
+            x += 0.0007;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+    }
 
     #[test]
     fn fast_exp_is_accurate() {

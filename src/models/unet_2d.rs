@@ -653,6 +653,20 @@ impl UNet2DConditionModel {
         context: &Tensor,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if sample.device().is_cpu() {
+            super::cpu_kernels::on_pool(|| self.forward_layers(sample, timesteps, context, timestep_cond))
+        } else {
+            self.forward_layers(sample, timesteps, context, timestep_cond)
+        }
+    }
+
+    fn forward_layers(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let dtype = sample.dtype();
         if timesteps.dims() != [b] {
