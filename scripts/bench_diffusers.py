@@ -4,7 +4,7 @@ Reads target/bench-models/results.json (written by the Rust bench in the same ru
 model's unet/ and vae/ with diffusers, times what the Rust bench timed with the same shapes,
 repetitions and thread count (one UNet call at batch 1, 2 and 8, one VAE decode, and for the
 medium model a whole StableDiffusionPipeline generation: 256x256, 20 DDIM steps, guidance 7.5),
-and prints tiller/diffusers per row.
+and prints tiller/diffusers per row. Its own times go to target/bench-models/diffusers.json.
 """
 import json
 import os
@@ -32,6 +32,7 @@ def median_ms(fn, n=None):
 
 
 rows = []
+timings = {}
 with torch.inference_mode():
     for name, r in results.items():
         torch.set_num_threads(int(r["threads"]))
@@ -66,8 +67,10 @@ with torch.inference_mode():
                      width=256, generator=torch.Generator().manual_seed(7), output_type="np")
 
             out["generate_20_steps_ms"] = median_ms(generate, max(3, -(-reps // 3)))
+        timings[name] = out
         for k, v in out.items():
             rows.append((name, k, r[k], v, r[k] / v))
+(root / "target/bench-models/diffusers.json").write_text(json.dumps(timings, indent=2))
 
 print(f"{'model':<10} {'measure':<21} {'tiller ms':>10} {'diffusers ms':>13} {'ratio':>7}")
 for name, k, a, b, ratio in rows:
