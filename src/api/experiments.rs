@@ -296,9 +296,14 @@ pub async fn patch_experiment(
         ));
     }
     patch.apply(&mut l.spec, &mut l.status)?;
-    let text = serde_json::to_string(&l.spec).map_err(|e| ApiError::internal(e.to_string()))?;
-    store.update_experiment(&name, &text, l.status.name()).await.map_err(|e| store_error(e, "experiment"))?;
-    Ok(Json(view(load(store, &name).await?)))
+    save(store, &name, &l.spec, l.status).await
+}
+
+/// Stores an experiment's spec and status, and answers with what the store now holds.
+async fn save(store: &Store, name: &str, spec: &ExperimentSpec, status: Status) -> Result<Json<Experiment>, ApiError> {
+    let text = serde_json::to_string(spec).map_err(|e| ApiError::internal(e.to_string()))?;
+    store.update_experiment(name, &text, status.name()).await.map_err(|e| store_error(e, "experiment"))?;
+    Ok(Json(view(load(store, name).await?)))
 }
 
 /// Archive an experiment (admin key): it takes no more requests and leaves the list; its records
@@ -313,9 +318,7 @@ pub async fn delete_experiment(
 ) -> Result<Json<Experiment>, ApiError> {
     let store = state.experiments.get().await?;
     let l = load(store, &name).await?;
-    let text = serde_json::to_string(&l.spec).map_err(|e| ApiError::internal(e.to_string()))?;
-    store.update_experiment(&name, &text, Status::Archived.name()).await.map_err(|e| store_error(e, "experiment"))?;
-    Ok(Json(view(load(store, &name).await?)))
+    save(store, &name, &l.spec, Status::Archived).await
 }
 
 /// Per-arm results: metrics with intervals and differences against the control (fixed-sample

@@ -35,8 +35,9 @@ pub fn tune_process() {
 /// wake-ups cost more than the small products themselves. From a worker, the caller takes part
 /// in the work and nested calls stay on the pool. Results are unchanged: only which thread runs
 /// what differs.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
+/// Other devices run `f` where it is.
+pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if !device.is_cpu() || rayon::current_thread_index().is_some() {
         f()
     } else {
         rayon::scope(|_| f())
@@ -277,6 +278,55 @@ multiversion! {
     }
 }
 
+/// The one product shape these kernels issue: `dst ← [dst +] beta · lhs · rhs` (`m × n`, `k`
+/// deep) with `dst` and `lhs` row-major (unit column stride, row strides `dst_rs`, `lhs_rs`)
+/// and `rhs` at any strides; `read_dst` adds to what `dst` holds (a bias, an accumulator).
+///
+/// # Safety
+/// The pointers must address the whole of each operand at the given strides, and nothing else
+/// may access `dst`'s elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, read_dst): (*mut f32, usize, bool),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        read_dst,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// Rayon over candle's thread count for products big enough to split.
+fn parallelism() -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
 /// 2-D convolution (NCHW, square kernel, no dilation/groups) as im2col + one GEMM per image,
 /// for f32 CPU tensors. candle's CPU conv2d is several times slower than this at the small
 /// spatial sizes latent models use. Each image's GEMM writes straight into the output, on top
@@ -310,8 +360,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
             }
         }
         let out_ptr = SharedMut(out.as_mut_ptr());
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let par = parallelism();
         let pointwise = k == 1 && stride == 1 && padding == 0;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         // Patches laid out one patch element per row (K, N), each row a shifted copy of input
@@ -346,33 +395,20 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                             let oy0 = band * band_rows;
                             let cols_n = band_rows.min(oh - oy0) * ow;
                             let (rhs, rhs_cs, rhs_rs) = if pointwise {
-                                (src.as_ptr(), 1, n as isize)
+                                (src.as_ptr(), 1, n)
                             } else {
                                 im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0);
-                                (cols.as_ptr(), 1, cols_n as isize)
+                                (cols.as_ptr(), 1, cols_n)
                             };
                             // SAFETY: `out` has capacity for every image; the band's columns
                             // lie inside this image's planes. Without a bias gemm only writes.
                             unsafe {
-                                gemm::gemm(
-                                    c_out,
-                                    cols_n,
-                                    kk,
-                                    dst.add(oy0 * ow),
-                                    1,
-                                    n as isize,
-                                    bias.is_some(),
-                                    wm.as_ptr(),
-                                    1,
-                                    kk as isize,
-                                    rhs,
-                                    rhs_cs,
-                                    rhs_rs,
+                                gemm_rows(
+                                    (c_out, cols_n, kk),
+                                    (dst.add(oy0 * ow), n, bias.is_some()),
+                                    (wm.as_ptr(), kk),
+                                    (rhs, rhs_cs, rhs_rs),
                                     1.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
                                     par,
                                 );
                             }
@@ -413,8 +449,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, sep
             (0..rows).for_each(|_| out.extend_from_slice(&bv));
         }
         let (blocks, per) = if separate { (samples, rows / samples) } else { (1, rows) };
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        let par = parallelism();
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         with_f32_slice(&w, |wm| {
             with_f32_slice(&x, |xd| {
@@ -424,25 +459,12 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, sep
                     // of W). SAFETY: `out` has capacity for all blocks; without a bias, gemm
                     // only writes (read_dst is false), and `set_len` follows the last block.
                     unsafe {
-                        gemm::gemm(
-                            per,
-                            out_dim,
-                            in_dim,
-                            dst.add(i * per * out_dim),
-                            1,
-                            out_dim as isize,
-                            bias.is_some(),
-                            xd[i * per * in_dim..].as_ptr(),
-                            1,
-                            in_dim as isize,
-                            wm.as_ptr(),
-                            in_dim as isize,
-                            1,
+                        gemm_rows(
+                            (per, out_dim, in_dim),
+                            (dst.add(i * per * out_dim), out_dim, bias.is_some()),
+                            (xd[i * per * in_dim..].as_ptr(), in_dim),
+                            (wm.as_ptr(), in_dim, 1),
                             1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
                             par,
                         );
                     }
@@ -590,50 +612,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
                                 let s = &mut scores[..rows * cols];
                                 // s = scale · Q Kᵀ: rows of Q and of K are `inner` apart.
                                 unsafe {
-                                    gemm::gemm(
-                                        rows,
-                                        cols,
-                                        d,
-                                        s.as_mut_ptr(),
-                                        1,
-                                        cols as isize,
-                                        false,
-                                        qd[q0..].as_ptr(),
-                                        1,
-                                        inner as isize,
-                                        kd[kv0..].as_ptr(),
-                                        inner as isize,
-                                        1,
-                                        0.0,
+                                    gemm_rows(
+                                        (rows, cols, d),
+                                        (s.as_mut_ptr(), cols, false),
+                                        (qd[q0..].as_ptr(), inner),
+                                        (kd[kv0..].as_ptr(), inner, 1),
                                         scale,
-                                        false,
-                                        false,
-                                        false,
                                         gemm::Parallelism::None,
                                     );
                                 }
                                 online_softmax_tile(s, cols, &mut row_max[..rows], &mut row_sum[..rows], acc, d);
                                 // acc += P V.
                                 unsafe {
-                                    gemm::gemm(
-                                        rows,
-                                        d,
-                                        cols,
-                                        acc.as_mut_ptr(),
-                                        1,
-                                        d as isize,
-                                        true,
-                                        s.as_ptr(),
-                                        1,
-                                        cols as isize,
-                                        vd[kv0..].as_ptr(),
-                                        1,
-                                        inner as isize,
+                                    gemm_rows(
+                                        (rows, d, cols),
+                                        (acc.as_mut_ptr(), d, true),
+                                        (s.as_ptr(), cols),
+                                        (vd[kv0..].as_ptr(), 1, inner),
                                         1.0,
-                                        1.0,
-                                        false,
-                                        false,
-                                        false,
                                         gemm::Parallelism::None,
                                     );
                                 }
@@ -904,6 +900,18 @@ mod tests {
         let slow = x.gelu_erf().unwrap();
         let d: f32 = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(d < 2e-6, "gelu differs by {d}");
+    }
+
+    #[test]
+    fn conv2d_with_this_threads_buffer_busy_uses_its_own() {
+        // What a rayon worker sees when, waiting inside one convolution, it runs another.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 9, 9), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.2, (5, 6, 3, 3), &dev).unwrap();
+        let free = conv2d(&x, &w, None, 1, 1).unwrap().unwrap();
+        let busy = IM2COL_BUFFER.with_borrow_mut(|_| conv2d(&x, &w, None, 1, 1).unwrap().unwrap());
+        let d: f32 = (free - busy).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert_eq!(d, 0.0, "a convolution beside a busy im2col buffer differs by {d}");
     }
 
     #[test]

@@ -653,11 +653,7 @@ impl UNet2DConditionModel {
         context: &Tensor,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if sample.device().is_cpu() {
-            super::cpu_kernels::on_pool(|| self.forward_layers(sample, timesteps, context, timestep_cond))
-        } else {
-            self.forward_layers(sample, timesteps, context, timestep_cond)
-        }
+        super::cpu_kernels::on_pool(sample.device(), || self.forward_layers(sample, timesteps, context, timestep_cond))
     }
 
     fn forward_layers(

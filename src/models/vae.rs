@@ -281,11 +281,7 @@ impl AutoencoderKL {
 
     /// Raw decoder output (≈[-1, 1]) for latents already divided by `scaling_factor`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        if z.device().is_cpu() {
-            super::cpu_kernels::on_pool(|| self.decode_layers(z))
-        } else {
-            self.decode_layers(z)
-        }
+        super::cpu_kernels::on_pool(z.device(), || self.decode_layers(z))
     }
 
     fn decode_layers(&self, z: &Tensor) -> Result<Tensor> {
