@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Process-wide settings that make the CPU path faster, applied by `tiller`'s `main` (and the
 /// benchmarks) before any other thread exists, because they are read once at start-up:
@@ -33,16 +34,52 @@ pub fn tune_process() {
 /// pass issues hundreds of parallel products and kernels; called from a thread outside the pool,
 /// each one hands its work over and puts the caller to sleep until it is done, and the
 /// wake-ups cost more than the small products themselves. From a worker, the caller takes part
-/// in the work and nested calls stay on the pool. Results are unchanged: only which thread runs
-/// what differs.
-/// Other devices run `f` where it is.
+/// in the work and nested calls stay on the pool.
+///
+/// While `f` runs, the pool's other workers stay awake looking for work ([`keep_awake`]), as
+/// OpenMP's workers spin between parallel regions, instead of going to sleep after each product
+/// and being woken by a system call for the next one. Results are unchanged: only which thread
+/// runs what differs. Other devices run `f` where it is.
 pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if !device.is_cpu() || rayon::current_thread_index().is_some() {
-        f()
-    } else {
-        rayon::scope(|_| f())
+        return f();
     }
+    let done = &AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let owner = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            keep_awake(scope, done, owner);
+        }
+        let result = f();
+        done.store(true, Ordering::Release);
+        result
+    })
 }
+
+/// A task that keeps a worker busy looking for work (running what it finds, yielding its core
+/// to other threads when there is none) until `done`. It gives up its thread after at most
+/// `KEEP_AWAKE_SLICE` and queues a fresh copy of itself, so it never blocks: a worker waiting
+/// inside another job may pick it up, and a task that only returned at `done` could then wait
+/// on the very work it sits on. On the thread running the forward pass (`owner`) it only
+/// re-queues itself, for another worker to take.
+fn keep_awake<'s>(scope: &rayon::Scope<'s>, done: &'s AtomicBool, owner: Option<usize>) {
+    scope.spawn(move |scope| {
+        if rayon::current_thread_index() != owner {
+            let until = std::time::Instant::now() + KEEP_AWAKE_SLICE;
+            while !done.load(Ordering::Acquire) && std::time::Instant::now() < until {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        if !done.load(Ordering::Acquire) {
+            keep_awake(scope, done, owner);
+        }
+    });
+}
+
+/// How long one [`keep_awake`] task runs before it re-queues itself.
+const KEEP_AWAKE_SLICE: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// 0: baseline x86-64 (SSE2) or another architecture, 1: AVX2 with FMA, 2: AVX-512.
 #[cfg(target_arch = "x86_64")]
@@ -189,23 +226,23 @@ fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// 2^x for f32 (arguments clamped to [−126, 127], where results stay normal): 2^i · 2^f with
-/// i = round(x) and |f| ≤ ½, 2^f by its degree-6 Taylor polynomial in f·ln 2 (truncation error
-/// below 1.3e-7). Cheaper than [`fast_exp`] by the multiply by log2 e and the two-part range
-/// reduction; the fused attention scores in log2 units so that it can use this.
+/// 2^x for f32 and x ≤ 0 (the scores of an online softmax less their running maximum;
+/// arguments below −126 are raised to it, where results stay normal; NaN stays NaN): 2^i · 2^f
+/// with i = round(x) and |f| ≤ ½, 2^f by a degree-5 polynomial fitted for least maximum
+/// relative error on [−½, ½] and evaluated with fused multiply-adds (below 2.5e-7 relative in
+/// f32). `mul_add` rounds once on every target, so the SIMD variants still agree bit for bit.
+/// The fused attention scores in log2 units so that it can use this.
 #[inline(always)]
 fn fast_exp2(x: f32) -> f32 {
-    let x = x.clamp(-126.0, 127.0);
+    let x = if x < -126.0 { -126.0 } else { x };
     const MAGIC: f32 = 12_582_912.0;
     let t = x + MAGIC;
     let f = x - (t - MAGIC);
-    const L: f32 = std::f32::consts::LN_2;
-    let p = 1.0
-        + f * (L + f
-            * (L * L / 2.0
-                + f * (L * L * L / 6.0
-                    + f * (L * L * L * L / 24.0
-                        + f * (L * L * L * L * L / 120.0 + f * (L * L * L * L * L * L / 720.0))))));
+    let p = 1.327_644_7e-3f32.mul_add(f, 9.675_533_5e-3);
+    let p = p.mul_add(f, 5.550_713e-2);
+    let p = p.mul_add(f, 2.402_212e-1);
+    let p = p.mul_add(f, 6.931_469_4e-1);
+    let p = p.mul_add(f, 1.000_000_1);
     let bits = (t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127)) << 23;
     p * f32::from_bits(bits)
 }
@@ -221,14 +258,15 @@ fn fast_max(a: f32, b: f32) -> f32 {
     }
 }
 
-/// Reduce with 8 independent lanes (vectorisable), then combine the lanes.
+/// Reduce with 16 independent lanes (one AVX-512 register, two AVX2 ones), then combine the
+/// lanes.
 #[inline(always)]
 fn lanes_reduce(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
-    let mut acc = [init; 8];
-    let chunks = v.chunks_exact(8);
+    let mut acc = [init; 16];
+    let chunks = v.chunks_exact(16);
     let rest = chunks.remainder();
     for c in chunks {
-        for j in 0..8 {
+        for j in 0..16 {
             acc[j] = f(acc[j], c[j]);
         }
     }
@@ -360,7 +398,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
             }
         }
         let out_ptr = SharedMut(out.as_mut_ptr());
-        let par = parallelism();
         let pointwise = k == 1 && stride == 1 && padding == 0;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         // Patches laid out one patch element per row (K, N), each row a shifted copy of input
@@ -371,22 +408,25 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         let band_rows = (IM2COL_BAND / (ow * kk).max(1)).clamp(1, oh);
         let band_len = if pointwise { 0 } else { band_rows * ow * kk };
         let (band_rows, bands) = if pointwise { (oh, 1) } else { (band_rows, oh.div_ceil(band_rows)) };
-        IM2COL_BUFFER.with(|buffer| {
-            // Reused between calls on this thread: `im2col` writes every element it hands to gemm.
-            // A rayon worker waiting inside one convolution's GEMM may run another convolution
-            // (of another forward pass) on the same thread: that one gets a buffer of its own.
-            let mut own = Vec::new();
-            let mut shared = buffer.try_borrow_mut();
-            let cols = match shared.as_deref_mut() {
-                Ok(cols) => cols,
-                Err(_) => &mut own,
-            };
-            if cols.len() < band_len {
-                cols.resize(band_len, 0.0);
-            }
-            with_f32_slice(&w, |wm| {
-                with_f32_slice(&x, |xd| {
-                    for bi in 0..b {
+        with_f32_slice(&w, |wm| {
+            with_f32_slice(&x, |xd| {
+                // One image: its bands of patches, each multiplied straight into the image's
+                // output planes. `par` splits the work of this image between the threads.
+                let image = |bi: usize, par: bool| {
+                    IM2COL_BUFFER.with(|buffer| {
+                        // Reused between calls on this thread: `im2col` writes every element it
+                        // hands to gemm. A rayon worker waiting inside one convolution's GEMM may
+                        // run another convolution (of another forward pass) on the same thread:
+                        // that one gets a buffer of its own.
+                        let mut own = Vec::new();
+                        let mut shared = buffer.try_borrow_mut();
+                        let cols = match shared.as_deref_mut() {
+                            Ok(cols) => cols,
+                            Err(_) => &mut own,
+                        };
+                        if cols.len() < band_len {
+                            cols.resize(band_len, 0.0);
+                        }
                         let src = &xd[bi * c_in * h * wd..(bi + 1) * c_in * h * wd];
                         let dst = out_ptr.at(bi * c_out * n);
                         // rhs (K × N): the input itself for a 1×1 conv, else the patches of one
@@ -397,11 +437,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                             let (rhs, rhs_cs, rhs_rs) = if pointwise {
                                 (src.as_ptr(), 1, n)
                             } else {
-                                im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0);
+                                im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0, par);
                                 (cols.as_ptr(), 1, cols_n)
                             };
                             // SAFETY: `out` has capacity for every image; the band's columns
-                            // lie inside this image's planes. Without a bias gemm only writes.
+                            // lie inside this image's planes, which no other task writes.
+                            // Without a bias gemm only writes.
                             unsafe {
                                 gemm_rows(
                                     (c_out, cols_n, kk),
@@ -409,12 +450,24 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                                     (wm.as_ptr(), kk),
                                     (rhs, rhs_cs, rhs_rs),
                                     1.0,
-                                    par,
+                                    if par { parallelism() } else { gemm::Parallelism::None },
                                 );
                             }
                         }
-                    }
-                })
+                    })
+                };
+                // Several images: one task per image, each a single-threaded GEMM (one hand-off
+                // per convolution instead of one per product, and no splitting of small
+                // products); an image's arithmetic is the same either way, since gemm gives
+                // every output element to one thread with the same reduction order. A batch
+                // that does not divide among the threads splits each image instead, so no
+                // thread idles behind the last image.
+                let threads = candle_core::utils::get_num_threads();
+                if b > 1 && b.is_multiple_of(threads) {
+                    (0..b).into_par_iter().for_each(|bi| image(bi, false));
+                } else {
+                    (0..b).for_each(|bi| image(bi, true));
+                }
             })
         })??;
         // SAFETY: every element was written, by the bias fill or by the GEMMs (all images, all
@@ -488,6 +541,7 @@ thread_local! {
 /// Patches of output rows `oy0..` of one image (as many as `cols` holds), one patch element
 /// per row: `cols[((ci·k + ky)·k + kx)·cols_n + (oy − oy0)·ow + ox]`, `cols_n` output pixels
 /// per row. Every element is written, padding positions as zeros, so the buffer can be reused.
+/// `par` splits the rows between rayon's threads.
 #[allow(clippy::too_many_arguments)]
 fn im2col(
     src: &[f32],
@@ -500,11 +554,12 @@ fn im2col(
     padding: usize,
     ow: usize,
     oy0: usize,
+    par: bool,
 ) {
     let kk = c_in * k * k;
     let cols_n = cols.len() / kk;
     let rows = cols_n / ow;
-    cols.par_chunks_mut(cols_n).enumerate().for_each(|(r, dst)| {
+    let row = |(r, dst): (usize, &mut [f32])| {
         let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
         let plane = &src[ci * h * wd..(ci + 1) * h * wd];
         // Output columns whose input column `ox·stride + kx − padding` lies inside the image.
@@ -528,7 +583,12 @@ fn im2col(
                 }
             }
         }
-    });
+    };
+    if par {
+        cols.par_chunks_mut(cols_n).enumerate().for_each(row);
+    } else {
+        cols.chunks_mut(cols_n).enumerate().for_each(row);
+    }
 }
 
 /// Query rows per task and key columns per tile of [`attention`]. Fixed sizes: a row's
@@ -767,7 +827,7 @@ mod tests {
     fn fast_exp2_is_accurate() {
         let mut worst = 0f64;
         let mut x = -120.0f32;
-        while x <= 20.0 {
+        while x <= 0.0 {
             let exact = (x as f64).exp2();
             worst = worst.max(((fast_exp2(x) as f64 - exact) / exact).abs());
             x += 0.0007;
@@ -912,6 +972,79 @@ mod tests {
         let busy = IM2COL_BUFFER.with_borrow_mut(|_| conv2d(&x, &w, None, 1, 1).unwrap().unwrap());
         let d: f32 = (free - busy).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert_eq!(d, 0.0, "a convolution beside a busy im2col buffer differs by {d}");
+    }
+
+    #[test]
+    fn conv2d_images_in_parallel_match_each_image_alone() {
+        // A batch that divides among the threads runs one single-threaded GEMM per image; alone,
+        // an image's GEMM is split between the threads. The rows must agree bit for bit.
+        let dev = Device::Cpu;
+        let b = 2 * candle_core::utils::get_num_threads();
+        let x = Tensor::randn(0f32, 1.0, (b, 32, 20, 20), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (48, 32, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
+        for (stride, padding) in [(1, 1), (2, 1)] {
+            let batch = conv2d(&x, &w, Some(&bias), stride, padding).unwrap().unwrap();
+            for i in 0..b {
+                let alone = conv2d(&x.narrow(0, i, 1).unwrap(), &w, Some(&bias), stride, padding).unwrap().unwrap();
+                let row = batch.narrow(0, i, 1).unwrap();
+                let d: f32 = (row - alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert_eq!(d, 0.0, "image {i} of {b} (stride {stride}) differs from its own convolution by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_forward_passes_on_the_pool_finish() {
+        // A worker waiting inside one pass's job can pick up another pass's keep-awake task,
+        // which must not then wait on the work beneath it. That takes more workers than this
+        // machine may have, so the passes run in a child process with a pool of 8.
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "models::cpu_kernels::tests::concurrent_forward_passes", "--nocapture"])
+            .env("RAYON_NUM_THREADS", "8")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(120) {
+                child.kill().unwrap();
+                panic!("concurrent forward passes on the pool did not finish in 120 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(status.success(), "concurrent forward passes failed: {status}");
+    }
+
+    #[test]
+    #[ignore = "run by concurrent_forward_passes_on_the_pool_finish with a pool of 8 workers"]
+    fn concurrent_forward_passes() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for caller in 0..6u64 {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                // Enough work per item that halves get stolen and waited on.
+                let item = |i: u64, j: u64| (0..200u64).fold(i * j + caller, |a, t| std::hint::black_box(a ^ t) + t);
+                for round in 0..30u64 {
+                    let sum: u64 = on_pool(&Device::Cpu, || {
+                        (0..64u64)
+                            .into_par_iter()
+                            .map(|i| (0..256u64).into_par_iter().map(|j| item(i, j)).sum::<u64>())
+                            .sum()
+                    });
+                    let expected = (0..64u64).map(|i| (0..256u64).map(|j| item(i, j)).sum::<u64>()).sum::<u64>();
+                    assert_eq!(sum, expected, "caller {caller}, round {round}");
+                }
+                tx.send(caller).unwrap();
+            });
+        }
+        drop(tx);
+        for _ in 0..6 {
+            rx.recv_timeout(std::time::Duration::from_secs(100)).expect("a forward pass on the pool did not finish");
+        }
     }
 
     #[test]
