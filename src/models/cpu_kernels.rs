@@ -317,8 +317,9 @@ multiversion! {
 }
 
 /// The one product shape these kernels issue: `dst ← [dst +] beta · lhs · rhs` (`m × n`, `k`
-/// deep) with `dst` and `lhs` row-major (unit column stride, row strides `dst_rs`, `lhs_rs`)
-/// and `rhs` at any strides; `read_dst` adds to what `dst` holds (a bias, an accumulator).
+/// deep) with `dst` row-major (unit column stride, row stride `dst_rs`) and `lhs` (row, column
+/// strides) and `rhs` (column, row strides) at any strides; `read_dst` adds to what `dst` holds
+/// (a bias, an accumulator).
 ///
 /// # Safety
 /// The pointers must address the whole of each operand at the given strides, and nothing else
@@ -327,7 +328,7 @@ multiversion! {
 unsafe fn gemm_rows(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs, read_dst): (*mut f32, usize, bool),
-    (lhs, lhs_rs): (*const f32, usize),
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
     (rhs, rhs_cs, rhs_rs): (*const f32, usize, usize),
     beta: f32,
     par: gemm::Parallelism,
@@ -341,7 +342,7 @@ unsafe fn gemm_rows(
         dst_rs as isize,
         read_dst,
         lhs,
-        1,
+        lhs_cs as isize,
         lhs_rs as isize,
         rhs,
         rhs_cs as isize,
@@ -447,7 +448,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                                 gemm_rows(
                                     (c_out, cols_n, kk),
                                     (dst.add(oy0 * ow), n, bias.is_some()),
-                                    (wm.as_ptr(), kk),
+                                    (wm.as_ptr(), kk, 1),
                                     (rhs, rhs_cs, rhs_rs),
                                     1.0,
                                     if par { parallelism() } else { gemm::Parallelism::None },
@@ -515,7 +516,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, sep
                         gemm_rows(
                             (per, out_dim, in_dim),
                             (dst.add(i * per * out_dim), out_dim, bias.is_some()),
-                            (xd[i * per * in_dim..].as_ptr(), in_dim),
+                            (xd[i * per * in_dim..].as_ptr(), in_dim, 1),
                             (wm.as_ptr(), in_dim, 1),
                             1.0,
                             par,
@@ -649,58 +650,62 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
         // cheaper `fast_exp2`.
         let scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let mut out = vec![0f32; b * n * inner];
+        // Every element is written by exactly one task (its rows of its head).
+        let mut out = Vec::with_capacity(b * n * inner);
         let dst = SharedMut(out.as_mut_ptr());
         let q_tiles = n.div_ceil(ATTN_Q_TILE);
         with_f32_slice(&q, |qd| {
             with_f32_slice(&k, |kd| {
                 with_f32_slice(&v, |vd| {
                     (0..b * heads * q_tiles).into_par_iter().for_each_init(
-                        || (vec![0f32; ATTN_Q_TILE * ATTN_K_TILE], vec![0f32; ATTN_Q_TILE * d]),
-                        |(scores, acc), task| {
+                        || (vec![0f32; ATTN_K_TILE * ATTN_Q_TILE], vec![0f32; d * ATTN_Q_TILE]),
+                        |(scores, acc_t), task| {
                             let (bi, h, tile) = (task / (heads * q_tiles), (task / q_tiles) % heads, task % q_tiles);
                             let r0 = tile * ATTN_Q_TILE;
                             let rows = ATTN_Q_TILE.min(n - r0);
                             let q0 = (bi * n + r0) * inner + h * d;
-                            let acc = &mut acc[..rows * d];
-                            acc.fill(0.0);
+                            // Everything is kept transposed, one column per query: the scores
+                            // (keys × queries) and the output accumulator (d × queries). The
+                            // softmax statistics then run down the columns, 16 queries to a
+                            // vector, with no reductions across lanes.
+                            let acc_t = &mut acc_t[..d * rows];
+                            acc_t.fill(0.0);
                             let mut row_max = [f32::NEG_INFINITY; ATTN_Q_TILE];
                             let mut row_sum = [0f32; ATTN_Q_TILE];
                             for c0 in (0..m).step_by(ATTN_K_TILE) {
                                 let cols = ATTN_K_TILE.min(m - c0);
                                 let kv0 = (bi * m + c0) * inner + h * d;
-                                let s = &mut scores[..rows * cols];
-                                // s = scale · Q Kᵀ: rows of Q and of K are `inner` apart.
+                                let s_t = &mut scores[..cols * rows];
+                                // Sᵀ = scale · K Qᵀ: rows of K and of Q are `inner` apart.
                                 unsafe {
                                     gemm_rows(
-                                        (rows, cols, d),
-                                        (s.as_mut_ptr(), cols, false),
-                                        (qd[q0..].as_ptr(), inner),
+                                        (cols, rows, d),
+                                        (s_t.as_mut_ptr(), rows, false),
                                         (kd[kv0..].as_ptr(), inner, 1),
+                                        (qd[q0..].as_ptr(), inner, 1),
                                         scale,
                                         gemm::Parallelism::None,
                                     );
                                 }
-                                online_softmax_tile(s, cols, &mut row_max[..rows], &mut row_sum[..rows], acc, d);
-                                // acc += P V.
+                                online_softmax_columns(s_t, rows, &mut row_max[..rows], &mut row_sum[..rows], acc_t);
+                                // accᵀ += Vᵀ Pᵀ.
                                 unsafe {
                                     gemm_rows(
-                                        (rows, d, cols),
-                                        (acc.as_mut_ptr(), d, true),
-                                        (s.as_ptr(), cols),
+                                        (d, rows, cols),
+                                        (acc_t.as_mut_ptr(), rows, true),
                                         (vd[kv0..].as_ptr(), 1, inner),
+                                        (s_t.as_ptr(), 1, rows),
                                         1.0,
                                         gemm::Parallelism::None,
                                     );
                                 }
                             }
-                            for i in 0..rows {
-                                let inv = 1.0 / row_sum[i];
-                                let at = q0 + i * inner;
+                            for (i, sum) in row_sum[..rows].iter().enumerate() {
+                                let inv = 1.0 / sum;
                                 // Tasks write disjoint (rows × d) blocks of `out`.
-                                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(at), d) };
-                                for (o, a) in o.iter_mut().zip(&acc[i * d..(i + 1) * d]) {
-                                    *o = a * inv;
+                                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(q0 + i * inner), d) };
+                                for (j, o) in o.iter_mut().enumerate() {
+                                    *o = acc_t[j * rows + i] * inv;
                                 }
                             }
                         },
@@ -708,42 +713,80 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
                 })
             })
         })???;
+        // SAFETY: the tasks wrote every (batch, query, head) block.
+        unsafe { out.set_len(b * n * inner) };
         Tensor::from_vec(out, (b, n, inner), q.device())
     })())
 }
 
 multiversion! {
-    /// One key tile of the online softmax: turns the tile's scores `s` (rows × cols, log2
-    /// units) into `2^(score − running max)` in place, and rescales each row's running sum and output
-    /// accumulator (`d` values per row) when its maximum grows.
-    fn online_softmax_tile(s: &mut [f32], cols: usize, row_max: &mut [f32], row_sum: &mut [f32], acc: &mut [f32], d: usize) {
-        for (i, srow) in s.chunks_exact_mut(cols).enumerate() {
-            let tile_max = lanes_reduce(srow, f32::NEG_INFINITY, fast_max);
-            let new_max = row_max[i].max(tile_max);
-            // 2^(s − max) in place and its sum, in one pass over 16 lanes.
-            let mut lanes = [0f32; 16];
-            let mut chunks = srow.chunks_exact_mut(16);
-            for c in &mut chunks {
-                for j in 0..16 {
-                    c[j] = fast_exp2(c[j] - new_max);
-                    lanes[j] += c[j];
-                }
-            }
-            let mut tile_sum = 0.0;
-            for v in chunks.into_remainder() {
-                *v = fast_exp2(*v - new_max);
-                tile_sum += *v;
-            }
-            tile_sum += lanes_reduce(&lanes, 0.0, |a, b| a + b);
-            if row_max[i] != f32::NEG_INFINITY && new_max != row_max[i] {
-                let c = fast_exp2(row_max[i] - new_max);
-                row_sum[i] *= c;
-                acc[i * d..(i + 1) * d].iter_mut().for_each(|a| *a *= c);
-            }
-            row_max[i] = new_max;
-            row_sum[i] += tile_sum;
+    /// One key tile of the online softmax, on transposed scores `s_t` (keys × `rows` queries,
+    /// log2 units): turns them into `2^(score − running max)` in place, and rescales each
+    /// query's running sum and its column of the accumulator `acc_t` (d × `rows`) when its
+    /// maximum grows. Queries go 64, then 16, then 1 at a time, with the same arithmetic for
+    /// each: a query's result does not depend on which others share its tile.
+    fn online_softmax_columns(s_t: &mut [f32], rows: usize, row_max: &mut [f32], row_sum: &mut [f32], acc_t: &mut [f32]) {
+        let mut r = 0;
+        while r + 64 <= rows {
+            softmax_column_block::<64>(s_t, rows, r, row_max, row_sum, acc_t);
+            r += 64;
+        }
+        while r + 16 <= rows {
+            softmax_column_block::<16>(s_t, rows, r, row_max, row_sum, acc_t);
+            r += 16;
+        }
+        while r < rows {
+            softmax_column_block::<1>(s_t, rows, r, row_max, row_sum, acc_t);
+            r += 1;
         }
     }
+}
+
+/// [`online_softmax_columns`] for queries `r0..r0 + W`: their maxima and sums stay in
+/// registers while the key rows stream past.
+#[inline(always)]
+fn softmax_column_block<const W: usize>(
+    s_t: &mut [f32],
+    rows: usize,
+    r0: usize,
+    row_max: &mut [f32],
+    row_sum: &mut [f32],
+    acc_t: &mut [f32],
+) {
+    let old: [f32; W] = row_max[r0..r0 + W].try_into().unwrap();
+    let mut max = old;
+    for key in s_t.chunks_exact(rows) {
+        let key = &key[r0..r0 + W];
+        for j in 0..W {
+            max[j] = fast_max(max[j], key[j]);
+        }
+    }
+    // The factor that rescales what was summed under the old maximum (exactly 1 where the
+    // maximum stayed; 0 in effect on the first tile, whose sums are still zero).
+    let mut scale = [1f32; W];
+    for j in 0..W {
+        if max[j] != old[j] {
+            scale[j] = fast_exp2(old[j] - max[j]);
+        }
+    }
+    for acc in acc_t.chunks_exact_mut(rows) {
+        let acc = &mut acc[r0..r0 + W];
+        for j in 0..W {
+            acc[j] *= scale[j];
+        }
+    }
+    let mut sum = [0f32; W];
+    for key in s_t.chunks_exact_mut(rows) {
+        let key = &mut key[r0..r0 + W];
+        for j in 0..W {
+            key[j] = fast_exp2(key[j] - max[j]);
+            sum[j] += key[j];
+        }
+    }
+    for j in 0..W {
+        row_sum[r0 + j] = row_sum[r0 + j] * scale[j] + sum[j];
+    }
+    row_max[r0..r0 + W].copy_from_slice(&max);
 }
 
 /// Exact-form GELU, `x·Φ(x)` = `½x·(1 + erf(x/√2))`, in f32 with Abramowitz & Stegun 7.1.26
@@ -921,7 +964,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_attention_rows_do_not_depend_on_the_batch() {
+    fn fused_attention_rows_do_not_depend_on_the_batch_or_the_tile() {
         let dev = Device::Cpu;
         // More queries than one tile holds, so rows of several query tiles are compared.
         let (n, m, heads, d) = (300, 300, 2, 8);
@@ -936,6 +979,12 @@ mod tests {
             let bt: Vec<f32> = one(&batched).flatten_all().unwrap().to_vec1().unwrap();
             assert!(a.iter().zip(&bt).all(|(x, y)| x.to_bits() == y.to_bits()), "row {i} changed with the batch");
         }
+        // Nor on the other queries of its tile: the first 77 queries alone (a 64-query block
+        // and 13 single ones) against the same queries among 300 (blocks of 64).
+        let first = attention(&q.narrow(1, 0, 77).unwrap(), &k, &v, heads).unwrap().unwrap();
+        let among: Vec<f32> = batched.narrow(1, 0, 77).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let alone: Vec<f32> = first.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(alone.iter().zip(&among).all(|(x, y)| x.to_bits() == y.to_bits()), "queries changed with their tile");
     }
 
     #[test]
