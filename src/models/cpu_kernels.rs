@@ -394,9 +394,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                 candle_core::bail!("conv2d: bias {:?} for {c_out} output channels", bias.dims());
             }
             let bv = bias.to_vec1::<f32>()?;
-            for _ in 0..b {
-                bv.iter().for_each(|&bc| out.extend(std::iter::repeat_n(bc, n)));
-            }
+            fill_rows(&mut out, b * c_out, n, |plane, dst| dst.fill(std::mem::MaybeUninit::new(bv[plane % c_out])));
         }
         let out_ptr = SharedMut(out.as_mut_ptr());
         let pointwise = k == 1 && stride == 1 && padding == 0;
@@ -500,7 +498,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, sep
             if bv.len() != out_dim {
                 candle_core::bail!("linear: bias {:?} for {out_dim} outputs", bias.dims());
             }
-            (0..rows).for_each(|_| out.extend_from_slice(&bv));
+            fill_rows(&mut out, rows, out_dim, |_, dst| {
+                dst.iter_mut().zip(&bv).for_each(|(o, &b)| {
+                    o.write(b);
+                })
+            });
         }
         let (blocks, per) = if separate { (samples, rows / samples) } else { (1, rows) };
         let par = parallelism();
@@ -529,6 +531,24 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, sep
         unsafe { out.set_len(rows * out_dim) };
         Tensor::from_vec(out, (rows, out_dim), x.device())
     })())
+}
+
+/// Writes the first `rows · len` elements of `out`'s spare capacity, `len` at a time, in
+/// parallel (a bias written into a layer's output before its GEMMs add to it), so that the
+/// copies of a large output are not left to one thread. The caller sets the length once the
+/// rest of its work is done.
+fn fill_rows(
+    out: &mut Vec<f32>,
+    rows: usize,
+    len: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) {
+    let spare = &mut out.spare_capacity_mut()[..rows * len];
+    spare
+        .par_chunks_mut(len.max(1))
+        .with_min_len((1 << 14) / len.max(1))
+        .enumerate()
+        .for_each(|(row, dst)| fill(row, dst));
 }
 
 /// Floats of im2col patches per band (16 MiB).
