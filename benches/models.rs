@@ -1,9 +1,11 @@
 //! Per-step UNet time (batch 1, 2 and 8) and VAE decode time for the fixture models and a
 //! medium config (UNet block_out_channels 64/128/256, 2 layers per block, 32×32 latents), and a
-//! whole 20-step generation of the medium pipeline.
+//! whole 20-step generation of the medium pipeline; for the medium config also the fused
+//! attention alone at the generation's 4,096 tokens (4 heads of 16).
 //!
-//! `cargo bench --bench models` prints a table and writes `target/bench-models/results.json`;
-//! `TILLER_BENCH_ONLY=unet_b1,unet_b2,unet_b8,vae,generate` picks measures, `TILLER_BENCH_REPS`
+//! `cargo bench --bench models` prints a table and writes `target/bench-models/results.json`
+//! (the attention time is in the JSON and in `bench_compare.sh`'s summary);
+//! `TILLER_BENCH_ONLY=unet_b1,unet_b2,unet_b8,vae,attention,generate` picks measures, `TILLER_BENCH_REPS`
 //! the repetitions (median reported; the generation runs a third as many);
 //! `scripts/bench_compare.sh` runs this and `scripts/bench_diffusers.py` on the same weights in
 //! one go and prints tiller/diffusers ratios.
@@ -161,6 +163,17 @@ fn bench_case(c: &Case, reps: usize) -> serde_json::Value {
             vae.decode(&z).unwrap();
         });
         out.insert("vae_decode_ms".into(), json!(ms));
+    }
+    if c.name == "medium" && wanted("attention") {
+        // The self-attention of the generation's 64×64 latents at the first level: 4,096 tokens,
+        // 4 heads of 16, the fused CPU kernel alone.
+        let (q, k, v) = (randn(&[1, 4096, 64], 7), randn(&[1, 4096, 64], 8), randn(&[1, 4096, 64], 9));
+        let ms = median_ms(reps, || {
+            tiller::models::cpu_kernels::on_pool(&dev, || {
+                tiller::models::cpu_kernels::attention(&q, &k, &v, 4).unwrap().unwrap()
+            });
+        });
+        out.insert("attention_4096_ms".into(), json!(ms));
     }
     if c.name == "medium" && wanted("generate") {
         // Each generation is 40 UNet calls: fewer repetitions keep the run short.

@@ -57,6 +57,9 @@ with torch.inference_mode():
         if "vae_decode_ms" in r:
             z = torch.randn(1, vae.config.latent_channels, side, side, generator=g)
             out["vae_decode_ms"] = median_ms(lambda: vae.decode(z))
+        if "attention_4096_ms" in r:
+            q, k, v = (torch.randn(1, 4, 4096, 16, generator=g) for _ in range(3))
+            out["attention_4096_ms"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         if "generate_20_steps_ms" in r:
             pipe = StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
