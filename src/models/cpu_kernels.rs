@@ -46,14 +46,24 @@ pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     }
     let done = &AtomicBool::new(false);
     rayon::scope(|scope| {
+        // Set when `f` returns or unwinds: the scope waits for the keep-awake tasks before it
+        // returns (or passes a panic on), and they run until `done`.
+        let _finish = SetOnDrop(done);
         let owner = rayon::current_thread_index();
         for _ in 1..rayon::current_num_threads() {
             keep_awake(scope, done, owner);
         }
-        let result = f();
-        done.store(true, Ordering::Release);
-        result
+        f()
     })
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// A task that keeps a worker busy looking for work (running what it finds, yielding its core
@@ -722,10 +732,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Option<Res
                             }
                             for (i, sum) in row_sum[..rows].iter().enumerate() {
                                 let inv = 1.0 / sum;
-                                // Tasks write disjoint (rows × d) blocks of `out`.
-                                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(q0 + i * inner), d) };
-                                for (j, o) in o.iter_mut().enumerate() {
-                                    *o = acc_t[j * rows + i] * inv;
+                                // Tasks write disjoint (rows × d) blocks of `out`, not yet
+                                // initialised: through the pointer, never a reference.
+                                let o = dst.at(q0 + i * inner);
+                                for j in 0..d {
+                                    unsafe { o.add(j).write(acc_t[j * rows + i] * inv) };
                                 }
                             }
                         },
@@ -1086,6 +1097,19 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
         };
         assert!(status.success(), "concurrent forward passes failed: {status}");
+    }
+
+    #[test]
+    fn a_panicking_forward_pass_on_the_pool_panics_instead_of_hanging() {
+        // The keep-awake tasks run until the pass is done; a pass that unwinds must still end
+        // them, or the scope would wait for them forever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let caught = std::panic::catch_unwind(|| on_pool(&Device::Cpu, || panic!("a failing forward pass")));
+            tx.send(caught.is_err()).unwrap();
+        });
+        let panicked = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("on_pool hung after a panic");
+        assert!(panicked, "the panic was not passed on");
     }
 
     #[test]
