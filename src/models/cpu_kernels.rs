@@ -990,7 +990,11 @@ mod tests {
             let fused = attention(&q, &k, &v, heads).unwrap().unwrap();
             let reference = attention_reference(&q, &k, &v, heads);
             let diff: f32 = (fused - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            assert!(diff < 2e-5, "b{b} n{n} m{m} h{heads} d{d}: fused attention differs by {diff}");
+            // Scores of the large-magnitude case reach ~150 (log2 units), where one f32 ulp is
+            // 1.5e-5: the probabilities, and so the outputs, carry that much rounding (measured
+            // up to 3e-5 against the f64 reference). A wrong rescale would be off by O(1).
+            let tolerance = if sd > 1.0 { 1e-4 } else { 2e-5 };
+            assert!(diff < tolerance, "b{b} n{n} m{m} h{heads} d{d}: fused attention differs by {diff}");
         }
     }
 
