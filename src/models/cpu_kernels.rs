@@ -543,6 +543,112 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, sep
     })())
 }
 
+/// A 1×1 convolution (`w` is `c_out × c_in × 1 × 1`) from channels-first `(b, c_in, h, w)` to
+/// a channels-last sequence `(b, h·w, c_out)`: per image, `y = xᵀ Wᵀ + bias` with `xᵀ` read in
+/// place. `None` when the fast path does not apply.
+pub fn pointwise_conv_to_seq(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) || !cpu_f32(w) || bias.is_some_and(|b| !cpu_f32(b)) {
+        return None;
+    }
+    Some((|| {
+        let (b, c_in, h, wd) = x.dims4()?;
+        let (c_out, c_in_w, _, _) = w.dims4()?;
+        if c_in_w != c_in {
+            candle_core::bail!("pointwise conv: input {:?} does not match kernel {:?}", x.dims(), w.dims());
+        }
+        let p = h * wd;
+        let mut out = Vec::with_capacity(b * p * c_out);
+        if let Some(bias) = bias {
+            let bv = bias.to_vec1::<f32>()?;
+            fill_rows(&mut out, b * p, c_out, |_, dst| {
+                dst.iter_mut().zip(&bv).for_each(|(o, &v)| {
+                    o.write(v);
+                })
+            });
+        }
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        with_f32_slice(&w, |wm| {
+            with_f32_slice(&x, |xd| {
+                per_image(b, |bi, par| unsafe {
+                    // dst (p × c_out) = xᵀ (p × c_in: rows 1 apart, columns p apart) · Wᵀ.
+                    gemm_rows(
+                        (p, c_out, c_in),
+                        (out_ptr.at(bi * p * c_out), c_out, bias.is_some()),
+                        (xd[bi * c_in * p..].as_ptr(), 1, p),
+                        (wm.as_ptr(), c_in, 1),
+                        1.0,
+                        par,
+                    )
+                })
+            })
+        })??;
+        // SAFETY: every element was written, by the bias fill or by the GEMMs.
+        unsafe { out.set_len(b * p * c_out) };
+        Tensor::from_vec(out, (b, p, c_out), x.device())
+    })())
+}
+
+/// A 1×1 convolution from a channels-last sequence `(b, h·w, c_in)` to channels-first
+/// `(b, c_out, h, w)`: per image, `y = W xᵀ + bias` with `xᵀ` read in place. `None` when the
+/// fast path does not apply.
+pub fn pointwise_conv_from_seq(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    h: usize,
+    wd: usize,
+) -> Option<Result<Tensor>> {
+    if !cpu_f32(x) || !cpu_f32(w) || bias.is_some_and(|b| !cpu_f32(b)) {
+        return None;
+    }
+    Some((|| {
+        let (b, p, c_in) = x.dims3()?;
+        let (c_out, c_in_w, _, _) = w.dims4()?;
+        if c_in_w != c_in || p != h * wd {
+            candle_core::bail!("pointwise conv: input {:?} does not match kernel {:?} at {h}×{wd}", x.dims(), w.dims());
+        }
+        let mut out = Vec::with_capacity(b * c_out * p);
+        if let Some(bias) = bias {
+            let bv = bias.to_vec1::<f32>()?;
+            fill_rows(&mut out, b * c_out, p, |plane, dst| dst.fill(std::mem::MaybeUninit::new(bv[plane % c_out])));
+        }
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        with_f32_slice(&w, |wm| {
+            with_f32_slice(&x, |xd| {
+                per_image(b, |bi, par| unsafe {
+                    // dst (c_out × p) = W (c_out × c_in) · xᵀ (c_in × p: columns c_in apart).
+                    gemm_rows(
+                        (c_out, p, c_in),
+                        (out_ptr.at(bi * c_out * p), p, bias.is_some()),
+                        (wm.as_ptr(), c_in, 1),
+                        (xd[bi * p * c_in..].as_ptr(), c_in, 1),
+                        1.0,
+                        par,
+                    )
+                })
+            })
+        })??;
+        // SAFETY: every element was written, by the bias fill or by the GEMMs.
+        unsafe { out.set_len(b * c_out * p) };
+        Tensor::from_vec(out, (b, c_out, h, wd), x.device())
+    })())
+}
+
+/// Runs `image(i, parallelism)` for each image of a batch of `b`: one single-threaded task per
+/// image when the batch divides among the threads, else one image after another with each
+/// product split between the threads. An image's arithmetic is the same either way (gemm gives
+/// each output element to one thread with the same reduction order).
+fn per_image(b: usize, image: impl Fn(usize, gemm::Parallelism) + Sync) {
+    let threads = candle_core::utils::get_num_threads();
+    if b > 1 && b.is_multiple_of(threads) {
+        (0..b).into_par_iter().for_each(|bi| image(bi, gemm::Parallelism::None));
+    } else {
+        (0..b).for_each(|bi| image(bi, parallelism()));
+    }
+}
+
 /// Writes the first `rows · len` elements of `out`'s spare capacity, `len` at a time, in
 /// parallel (a bias written into a layer's output before its GEMMs add to it), so that the
 /// copies of a large output are not left to one thread. The caller sets the length once the
@@ -1141,6 +1247,33 @@ mod tests {
         drop(tx);
         for _ in 0..6 {
             rx.recv_timeout(std::time::Duration::from_secs(100)).expect("a forward pass on the pool did not finish");
+        }
+    }
+
+    #[test]
+    fn pointwise_convs_to_and_from_sequences_match_conv_and_permute() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.2, (24, 40, 1, 1), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+        let w_back = Tensor::randn(0f32, 0.2, (40, 24, 1, 1), &dev).unwrap();
+        // One image (products split between threads) and a batch that divides among them.
+        for b in [1, 2 * candle_core::utils::get_num_threads()] {
+            let x = Tensor::randn(0f32, 1.0, (b, 40, 6, 7), &dev).unwrap();
+            let seq = pointwise_conv_to_seq(&x, &w, Some(&bias)).unwrap().unwrap();
+            let reference = conv2d(&x, &w, Some(&bias), 1, 0)
+                .unwrap()
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .reshape((b, 42, 24))
+                .unwrap();
+            let d: f32 = (&seq - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(d < 1e-5, "to sequence, batch {b}: differs by {d}");
+            let planes = pointwise_conv_from_seq(&seq, &w_back, None, 6, 7).unwrap().unwrap();
+            let input = seq.reshape((b, 6, 7, 24)).unwrap().permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+            let reference = conv2d(&input, &w_back, None, 1, 0).unwrap().unwrap();
+            let d: f32 = (planes - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(d < 1e-5, "from sequence, batch {b}: differs by {d}");
         }
     }
 

@@ -214,6 +214,34 @@ impl Module for Conv2d {
     }
 }
 
+impl Conv2d {
+    /// A 1×1 convolution's output as a channels-last sequence, `(b, h·w, c_out)`: what
+    /// `forward` gives, permuted and made contiguous. On the CPU fast path one GEMM per image
+    /// reads the channels-first input in place and writes the sequence, with no transposing copy.
+    pub fn forward_to_seq(&self, x: &Tensor) -> Result<Tensor> {
+        if self.lora.is_empty() && self.weight.dims4()?.2 == 1 && use_fused(x) {
+            if let Some(y) = super::cpu_kernels::pointwise_conv_to_seq(x, &self.weight, self.bias.as_ref()) {
+                return y;
+            }
+        }
+        let y = self.forward(x)?;
+        let (b, c, h, w) = y.dims4()?;
+        y.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+    }
+
+    /// A 1×1 convolution of a channels-last sequence `(b, h·w, c_in)` into channels-first
+    /// planes `(b, c_out, h, w)`; on the CPU fast path without transposing the input first.
+    pub fn forward_from_seq(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        if self.lora.is_empty() && self.weight.dims4()?.2 == 1 && use_fused(x) {
+            if let Some(y) = super::cpu_kernels::pointwise_conv_from_seq(x, &self.weight, self.bias.as_ref(), h, w) {
+                return y;
+            }
+        }
+        let (b, _, c) = x.dims3()?;
+        self.forward(&x.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+}
+
 /// A 1×1 convolution or a linear layer acting on channels, as Transformer2DModel's
 /// `proj_in`/`proj_out` are in SD-1 (conv) and SD-2 (linear).
 #[derive(Debug, Clone)]

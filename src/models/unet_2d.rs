@@ -346,7 +346,7 @@ impl Transformer2D {
             t.permute((0, 2, 3, 1))?.reshape((b, hh * ww, ch))
         };
         let mut h = match &self.proj_in {
-            ChannelProj::Conv(conv) => to_seq(&conv.forward(&h)?)?,
+            ChannelProj::Conv(conv) => conv.forward_to_seq(&h)?,
             ChannelProj::Linear(lin) => lin.forward(&to_seq(&h)?)?,
         };
         for block in &self.blocks {
@@ -357,7 +357,7 @@ impl Transformer2D {
             t.reshape((b, hh, ww, ch))?.permute((0, 3, 1, 2))
         };
         let h = match &self.proj_out {
-            ChannelProj::Conv(conv) => conv.forward(&from_seq(&h)?.contiguous()?)?,
+            ChannelProj::Conv(conv) => conv.forward_from_seq(&h, hh, ww)?,
             ChannelProj::Linear(lin) => from_seq(&lin.forward(&h)?)?,
         };
         debug_assert_eq!(h.dim(1)?, c);
