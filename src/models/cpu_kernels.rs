@@ -313,7 +313,7 @@ multiversion! {
     /// Softmax of each `len`-long row of `rows`, in place.
     fn softmax_rows(rows: &mut [f32], len: usize) {
         for row in rows.chunks_mut(len) {
-            // Separate passes with 8 independent accumulators, so each one vectorises
+            // Separate passes with 16 independent accumulators, so each one vectorises
             // (a single running max/sum is a serial float reduction LLVM will not reorder).
             let m = lanes_reduce(row, f32::NEG_INFINITY, fast_max);
             if m == f32::NEG_INFINITY {
@@ -397,16 +397,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         let ow = (wd + 2 * padding - k) / stride + 1;
         let n = oh * ow;
         let kk = c_in * k * k;
-        // The output starts as the bias planes, or unwritten: the GEMMs write every element.
-        let mut out = Vec::with_capacity(b * c_out * n);
-        if let Some(bias) = bias {
-            if bias.dims1()? != c_out {
-                candle_core::bail!("conv2d: bias {:?} for {c_out} output channels", bias.dims());
-            }
-            let bv = bias.to_vec1::<f32>()?;
-            fill_rows(&mut out, b * c_out, n, |plane, dst| dst.fill(std::mem::MaybeUninit::new(bv[plane % c_out])));
-        }
-        let out_ptr = SharedMut(out.as_mut_ptr());
         let pointwise = k == 1 && stride == 1 && padding == 0;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         // Patches laid out one patch element per row (K, N), each row a shifted copy of input
@@ -417,71 +407,72 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         let band_rows = (IM2COL_BAND / (ow * kk).max(1)).clamp(1, oh);
         let band_len = if pointwise { 0 } else { band_rows * ow * kk };
         let (band_rows, bands) = if pointwise { (oh, 1) } else { (band_rows, oh.div_ceil(band_rows)) };
-        with_f32_slice(&w, |wm| {
-            with_f32_slice(&x, |xd| {
-                // One image: its bands of patches, each multiplied straight into the image's
-                // output planes. `par` splits the work of this image between the threads.
-                let image = |bi: usize, par: bool| {
-                    IM2COL_BUFFER.with(|buffer| {
-                        // Reused between calls on this thread: `im2col` writes every element it
-                        // hands to gemm. A rayon worker waiting inside one convolution's GEMM may
-                        // run another convolution (of another forward pass) on the same thread:
-                        // that one gets a buffer of its own.
-                        let mut own = Vec::new();
-                        let mut shared = buffer.try_borrow_mut();
-                        let cols = match shared.as_deref_mut() {
-                            Ok(cols) => cols,
-                            Err(_) => &mut own,
-                        };
-                        if cols.len() < band_len {
-                            cols.resize(band_len, 0.0);
-                        }
-                        let src = &xd[bi * c_in * h * wd..(bi + 1) * c_in * h * wd];
-                        let dst = out_ptr.at(bi * c_out * n);
-                        // rhs (K × N): the input itself for a 1×1 conv, else the patches of one
-                        // band of output rows, written to the band's columns of `dst`.
-                        for band in 0..bands {
-                            let oy0 = band * band_rows;
-                            let cols_n = band_rows.min(oh - oy0) * ow;
-                            let (rhs, rhs_cs, rhs_rs) = if pointwise {
-                                (src.as_ptr(), 1, n)
-                            } else {
-                                im2col(src, &mut cols[..cols_n * kk], c_in, h, wd, k, stride, padding, ow, oy0, par);
-                                (cols.as_ptr(), 1, cols_n)
-                            };
-                            // SAFETY: `out` has capacity for every image; the band's columns
-                            // lie inside this image's planes, which no other task writes.
-                            // Without a bias gemm only writes.
-                            unsafe {
-                                gemm_rows(
-                                    (c_out, cols_n, kk),
-                                    (dst.add(oy0 * ow), n, bias.is_some()),
-                                    (wm.as_ptr(), kk, 1),
-                                    (rhs, rhs_cs, rhs_rs),
-                                    1.0,
-                                    if par { parallelism() } else { gemm::Parallelism::None },
-                                );
-                            }
-                        }
+        // SAFETY: the GEMMs cover every image and band, adding to the bias or writing.
+        let out = unsafe {
+            layer_output(b * c_out * n, bias, c_out, BiasLayout::Planes(n), |out_ptr| {
+                with_f32_slice(&w, |wm| {
+                    with_f32_slice(&x, |xd| {
+                        // One image: its bands of patches, each multiplied straight into the
+                        // image's output planes; `gemm_par` splits its work between the threads.
+                        per_image(b, |bi, gemm_par| {
+                            let par = !matches!(gemm_par, gemm::Parallelism::None);
+                            IM2COL_BUFFER.with(|buffer| {
+                                // Reused between calls on this thread: `im2col` writes every
+                                // element it hands to gemm. A rayon worker waiting inside one
+                                // convolution's GEMM may run another convolution (of another
+                                // forward pass) on the same thread: that one gets its own buffer.
+                                let mut own = Vec::new();
+                                let mut shared = buffer.try_borrow_mut();
+                                let cols = match shared.as_deref_mut() {
+                                    Ok(cols) => cols,
+                                    Err(_) => &mut own,
+                                };
+                                if cols.len() < band_len {
+                                    cols.resize(band_len, 0.0);
+                                }
+                                let src = &xd[bi * c_in * h * wd..(bi + 1) * c_in * h * wd];
+                                let dst = out_ptr.at(bi * c_out * n);
+                                // rhs (K × N): the input itself for a 1×1 conv, else the
+                                // patches of one band of output rows, written to the band's
+                                // columns of `dst`.
+                                for band in 0..bands {
+                                    let oy0 = band * band_rows;
+                                    let cols_n = band_rows.min(oh - oy0) * ow;
+                                    let (rhs, rhs_cs, rhs_rs) = if pointwise {
+                                        (src.as_ptr(), 1, n)
+                                    } else {
+                                        im2col(
+                                            src,
+                                            &mut cols[..cols_n * kk],
+                                            c_in,
+                                            h,
+                                            wd,
+                                            k,
+                                            stride,
+                                            padding,
+                                            ow,
+                                            oy0,
+                                            par,
+                                        );
+                                        (cols.as_ptr(), 1, cols_n)
+                                    };
+                                    // The band's columns lie inside this image's planes, which no
+                                    // other task writes. Without a bias gemm only writes.
+                                    gemm_rows(
+                                        (c_out, cols_n, kk),
+                                        (dst.add(oy0 * ow), n, bias.is_some()),
+                                        (wm.as_ptr(), kk, 1),
+                                        (rhs, rhs_cs, rhs_rs),
+                                        1.0,
+                                        gemm_par,
+                                    );
+                                }
+                            })
+                        })
                     })
-                };
-                // Several images: one task per image, each a single-threaded GEMM (one hand-off
-                // per convolution instead of one per product, and no splitting of small
-                // products); an image's arithmetic is the same either way, since gemm gives
-                // every output element to one thread with the same reduction order. A batch
-                // that does not divide among the threads splits each image instead, so no
-                // thread idles behind the last image.
-                let threads = candle_core::utils::get_num_threads();
-                if b > 1 && b.is_multiple_of(threads) {
-                    (0..b).into_par_iter().for_each(|bi| image(bi, false));
-                } else {
-                    (0..b).for_each(|bi| image(bi, true));
-                }
-            })
-        })??;
-        // SAFETY: every element was written, by the bias fill or by the GEMMs (all images, all
-        // bands).
-        unsafe { out.set_len(b * c_out * n) };
+                })
+            })?
+        };
         Tensor::from_vec(out, (b, c_out, oh, ow), x.device())
     })())
 }
@@ -501,44 +492,30 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, samples: usize, sep
         if in_w != in_dim || samples == 0 || !rows.is_multiple_of(samples) {
             candle_core::bail!("linear: input {:?} does not match weight {:?}", x.dims(), w.dims());
         }
-        // The output starts as the bias rows, or unwritten: gemm writes every element.
-        let mut out = Vec::with_capacity(rows * out_dim);
-        if let Some(bias) = bias {
-            let bv = bias.to_vec1::<f32>()?;
-            if bv.len() != out_dim {
-                candle_core::bail!("linear: bias {:?} for {out_dim} outputs", bias.dims());
-            }
-            fill_rows(&mut out, rows, out_dim, |_, dst| {
-                dst.iter_mut().zip(&bv).for_each(|(o, &b)| {
-                    o.write(b);
-                })
-            });
-        }
         let (blocks, per) = if separate { (samples, rows / samples) } else { (1, rows) };
         let par = parallelism();
         let (x, w) = (x.contiguous()?, w.contiguous()?);
-        with_f32_slice(&w, |wm| {
-            with_f32_slice(&x, |xd| {
-                let dst = out.as_mut_ptr();
-                for i in 0..blocks {
-                    // dst (per × out) = x_i (per × in) · Wᵀ, Wᵀ read in place (column j = row j
-                    // of W). SAFETY: `out` has capacity for all blocks; without a bias, gemm
-                    // only writes (read_dst is false), and `set_len` follows the last block.
-                    unsafe {
-                        gemm_rows(
-                            (per, out_dim, in_dim),
-                            (dst.add(i * per * out_dim), out_dim, bias.is_some()),
-                            (xd[i * per * in_dim..].as_ptr(), in_dim, 1),
-                            (wm.as_ptr(), in_dim, 1),
-                            1.0,
-                            par,
-                        );
-                    }
-                }
-            })
-        })??;
-        // SAFETY: every element was written, by the bias fill or by gemm.
-        unsafe { out.set_len(rows * out_dim) };
+        // SAFETY: the blocks' GEMMs cover every row, adding to the bias or writing.
+        let out = unsafe {
+            layer_output(rows * out_dim, bias, out_dim, BiasLayout::Rows, |dst| {
+                with_f32_slice(&w, |wm| {
+                    with_f32_slice(&x, |xd| {
+                        for i in 0..blocks {
+                            // dst (per × out) = x_i (per × in) · Wᵀ, Wᵀ read in place (column j
+                            // = row j of W).
+                            gemm_rows(
+                                (per, out_dim, in_dim),
+                                (dst.at(i * per * out_dim), out_dim, bias.is_some()),
+                                (xd[i * per * in_dim..].as_ptr(), in_dim, 1),
+                                (wm.as_ptr(), in_dim, 1),
+                                1.0,
+                                par,
+                            );
+                        }
+                    })
+                })
+            })?
+        };
         Tensor::from_vec(out, (rows, out_dim), x.device())
     })())
 }
@@ -557,34 +534,27 @@ pub fn pointwise_conv_to_seq(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> O
             candle_core::bail!("pointwise conv: input {:?} does not match kernel {:?}", x.dims(), w.dims());
         }
         let p = h * wd;
-        let mut out = Vec::with_capacity(b * p * c_out);
-        if let Some(bias) = bias {
-            let bv = bias.to_vec1::<f32>()?;
-            fill_rows(&mut out, b * p, c_out, |_, dst| {
-                dst.iter_mut().zip(&bv).for_each(|(o, &v)| {
-                    o.write(v);
-                })
-            });
-        }
-        let out_ptr = SharedMut(out.as_mut_ptr());
         let (x, w) = (x.contiguous()?, w.contiguous()?);
-        with_f32_slice(&w, |wm| {
-            with_f32_slice(&x, |xd| {
-                per_image(b, |bi, par| unsafe {
-                    // dst (p × c_out) = xᵀ (p × c_in: rows 1 apart, columns p apart) · Wᵀ.
-                    gemm_rows(
-                        (p, c_out, c_in),
-                        (out_ptr.at(bi * p * c_out), c_out, bias.is_some()),
-                        (xd[bi * c_in * p..].as_ptr(), 1, p),
-                        (wm.as_ptr(), c_in, 1),
-                        1.0,
-                        par,
-                    )
+        // SAFETY: one GEMM per image covers it, adding to the bias or writing.
+        let out = unsafe {
+            layer_output(b * p * c_out, bias, c_out, BiasLayout::Rows, |out| {
+                with_f32_slice(&w, |wm| {
+                    with_f32_slice(&x, |xd| {
+                        per_image(b, |bi, par| {
+                            // dst (p × c_out) = xᵀ (p × c_in: rows 1 apart, columns p apart) · Wᵀ.
+                            gemm_rows(
+                                (p, c_out, c_in),
+                                (out.at(bi * p * c_out), c_out, bias.is_some()),
+                                (xd[bi * c_in * p..].as_ptr(), 1, p),
+                                (wm.as_ptr(), c_in, 1),
+                                1.0,
+                                par,
+                            )
+                        })
+                    })
                 })
-            })
-        })??;
-        // SAFETY: every element was written, by the bias fill or by the GEMMs.
-        unsafe { out.set_len(b * p * c_out) };
+            })?
+        };
         Tensor::from_vec(out, (b, p, c_out), x.device())
     })())
 }
@@ -608,30 +578,27 @@ pub fn pointwise_conv_from_seq(
         if c_in_w != c_in || p != h * wd {
             candle_core::bail!("pointwise conv: input {:?} does not match kernel {:?} at {h}×{wd}", x.dims(), w.dims());
         }
-        let mut out = Vec::with_capacity(b * c_out * p);
-        if let Some(bias) = bias {
-            let bv = bias.to_vec1::<f32>()?;
-            fill_rows(&mut out, b * c_out, p, |plane, dst| dst.fill(std::mem::MaybeUninit::new(bv[plane % c_out])));
-        }
-        let out_ptr = SharedMut(out.as_mut_ptr());
         let (x, w) = (x.contiguous()?, w.contiguous()?);
-        with_f32_slice(&w, |wm| {
-            with_f32_slice(&x, |xd| {
-                per_image(b, |bi, par| unsafe {
-                    // dst (c_out × p) = W (c_out × c_in) · xᵀ (c_in × p: columns c_in apart).
-                    gemm_rows(
-                        (c_out, p, c_in),
-                        (out_ptr.at(bi * c_out * p), p, bias.is_some()),
-                        (wm.as_ptr(), c_in, 1),
-                        (xd[bi * p * c_in..].as_ptr(), c_in, 1),
-                        1.0,
-                        par,
-                    )
+        // SAFETY: one GEMM per image covers it, adding to the bias or writing.
+        let out = unsafe {
+            layer_output(b * c_out * p, bias, c_out, BiasLayout::Planes(p), |out| {
+                with_f32_slice(&w, |wm| {
+                    with_f32_slice(&x, |xd| {
+                        per_image(b, |bi, par| {
+                            // dst (c_out × p) = W (c_out × c_in) · xᵀ (c_in × p: columns c_in apart).
+                            gemm_rows(
+                                (c_out, p, c_in),
+                                (out.at(bi * c_out * p), p, bias.is_some()),
+                                (wm.as_ptr(), c_in, 1),
+                                (xd[bi * p * c_in..].as_ptr(), c_in, 1),
+                                1.0,
+                                par,
+                            )
+                        })
+                    })
                 })
-            })
-        })??;
-        // SAFETY: every element was written, by the bias fill or by the GEMMs.
-        unsafe { out.set_len(b * c_out * p) };
+            })?
+        };
         Tensor::from_vec(out, (b, c_out, h, wd), x.device())
     })())
 }
@@ -649,22 +616,53 @@ fn per_image(b: usize, image: impl Fn(usize, gemm::Parallelism) + Sync) {
     }
 }
 
-/// Writes the first `rows · len` elements of `out`'s spare capacity, `len` at a time, in
-/// parallel (a bias written into a layer's output before its GEMMs add to it), so that the
-/// copies of a large output are not left to one thread. The caller sets the length once the
-/// rest of its work is done.
-fn fill_rows(
-    out: &mut Vec<f32>,
-    rows: usize,
+/// Where a layer's bias lies in its output.
+#[derive(Clone, Copy)]
+enum BiasLayout {
+    /// Channels last: the whole bias vector on every row.
+    Rows,
+    /// Channels first: `bias[c]` over every plane of channel `c`, planes of this many floats.
+    Planes(usize),
+}
+
+/// A layer's output of `len` floats: it starts as the bias (which must have `channels`
+/// elements), written by all threads so that a large output is not left to one, or unwritten;
+/// `write` then completes it through the pointer (its products adding to the bias, if any).
+///
+/// # Safety
+/// `write` must write every element that has no bias under it, and only within `len`.
+unsafe fn layer_output(
     len: usize,
-    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
-) {
-    let spare = &mut out.spare_capacity_mut()[..rows * len];
-    spare
-        .par_chunks_mut(len.max(1))
-        .with_min_len((1 << 14) / len.max(1))
-        .enumerate()
-        .for_each(|(row, dst)| fill(row, dst));
+    bias: Option<&Tensor>,
+    channels: usize,
+    layout: BiasLayout,
+    write: impl FnOnce(SharedMut) -> Result<Result<()>>,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(len);
+    if let Some(bias) = bias {
+        if bias.dims1()? != channels {
+            candle_core::bail!("bias {:?} for a layer of {channels} channels", bias.dims());
+        }
+        let bv = bias.to_vec1::<f32>()?;
+        let row = match layout {
+            BiasLayout::Rows => channels,
+            BiasLayout::Planes(plane) => plane,
+        };
+        let spare = &mut out.spare_capacity_mut()[..len];
+        spare.par_chunks_mut(row.max(1)).with_min_len((1 << 14) / row.max(1)).enumerate().for_each(|(i, dst)| {
+            match layout {
+                BiasLayout::Rows => dst.iter_mut().zip(&bv).for_each(|(o, &v)| {
+                    o.write(v);
+                }),
+                BiasLayout::Planes(_) => dst.fill(std::mem::MaybeUninit::new(bv[i % channels])),
+            }
+        });
+    }
+    // (Two layers of results: `with_f32_slice` around a fallible body.)
+    write(SharedMut(out.as_mut_ptr()))??;
+    // SAFETY: the bias fill or `write` wrote every element (the caller's promise).
+    unsafe { out.set_len(len) };
+    Ok(out)
 }
 
 /// Floats of im2col patches per band (16 MiB).

@@ -215,11 +215,16 @@ impl Module for Conv2d {
 }
 
 impl Conv2d {
+    /// Whether the CPU kernels' 1×1 layout-changing products apply (no LoRA, nothing recorded).
+    fn pointwise_fast_path(&self, x: &Tensor) -> Result<bool> {
+        Ok(self.lora.is_empty() && self.weight.dims4()?.2 == 1 && use_fused(x))
+    }
+
     /// A 1×1 convolution's output as a channels-last sequence, `(b, h·w, c_out)`: what
     /// `forward` gives, permuted and made contiguous. On the CPU fast path one GEMM per image
     /// reads the channels-first input in place and writes the sequence, with no transposing copy.
     pub fn forward_to_seq(&self, x: &Tensor) -> Result<Tensor> {
-        if self.lora.is_empty() && self.weight.dims4()?.2 == 1 && use_fused(x) {
+        if self.pointwise_fast_path(x)? {
             if let Some(y) = super::cpu_kernels::pointwise_conv_to_seq(x, &self.weight, self.bias.as_ref()) {
                 return y;
             }
@@ -232,7 +237,7 @@ impl Conv2d {
     /// A 1×1 convolution of a channels-last sequence `(b, h·w, c_in)` into channels-first
     /// planes `(b, c_out, h, w)`; on the CPU fast path without transposing the input first.
     pub fn forward_from_seq(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-        if self.lora.is_empty() && self.weight.dims4()?.2 == 1 && use_fused(x) {
+        if self.pointwise_fast_path(x)? {
             if let Some(y) = super::cpu_kernels::pointwise_conv_from_seq(x, &self.weight, self.bias.as_ref(), h, w) {
                 return y;
             }
