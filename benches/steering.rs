@@ -350,7 +350,7 @@ fn gmm(plan: &Plan) -> (String, Value) {
     let m = GaussianMixtureModel::load("toy-gmm", &root().join("models/toy-gmm"), &dev).expect("models/toy-gmm");
     let mix = m.mixture().clone();
     let d = mix.dim();
-    let cfg = m.info().scheduler.vp();
+    let cfg = m.info().scheduler.vp().unwrap();
     let reward = Brightness::new();
     let seeds: Vec<u64> = (0..plan.gmm_images as u64).map(|i| 1000 + i).collect();
     let ddim = build_sampler(SamplerKind::Ddim, cfg, plan.gmm_steps, 1.0).unwrap();
@@ -432,8 +432,8 @@ fn load(name: &str) -> Option<std::sync::Arc<dyn DiffusionModel>> {
 fn sd(plan: &Plan) -> Vec<(String, Value)> {
     let (Some(sd15), Some(turbo)) = (load("sd15-tiny"), load("turbo-tiny")) else { return Vec::new() };
     let seeds: Vec<u64> = (0..plan.sd_images as u64).map(|i| 2000 + i).collect();
-    let ddim = build_sampler(SamplerKind::Ddim, sd15.info().scheduler.vp(), plan.sd_steps, 1.0).unwrap();
-    let euler = build_sampler(SamplerKind::Euler, turbo.info().scheduler.vp(), 1, 0.0).unwrap();
+    let ddim = build_sampler(SamplerKind::Ddim, sd15.info().scheduler.vp().unwrap(), plan.sd_steps, 1.0).unwrap();
+    let euler = build_sampler(SamplerKind::Euler, turbo.info().scheduler.vp().unwrap(), 1, 0.0).unwrap();
     let brightness = Brightness::new();
     let jpeg = JpegReward::compressibility();
     let mut out = Vec::new();

@@ -205,11 +205,9 @@ pub fn check_steering_plan(
     config: Option<&Path>,
 ) -> Result<()> {
     let resolved = crate::steering::resolve(model.info(), params, spec);
-    if let Ok(sampler) =
-        crate::sampling::build_for(resolved.scheduler, &model.info().scheduler, resolved.steps, resolved.eta)
-    {
+    if let Ok(sampler) = model.info().sampler(&resolved) {
         let max_reno_steps = Config::load(config)?.limits.max_reno_steps;
-        crate::steering::check_plan(spec, sampler.as_ref(), max_reno_steps)
+        crate::steering::check_plan(spec, sampler.as_ref(), model.info().scheduler.family(), max_reno_steps)
             .map_err(|e| TillerError::field(e.field("scheduler"), e.to_string()))?;
     }
     Ok(())

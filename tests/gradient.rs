@@ -38,7 +38,7 @@ fn reward(
 
 fn check(dtype: DType, h: f64, tol: f64) {
     let model = load("sd15-tiny", dtype);
-    let sampler = build_sampler(SamplerKind::Ddim, model.info().scheduler.vp(), 2, 0.0).unwrap();
+    let sampler = build_sampler(SamplerKind::Ddim, model.info().scheduler.vp().unwrap(), 2, 0.0).unwrap();
     let cond = Conditioning::new(&model, "a red circle", Some("blurry"), 3.0, 1).unwrap();
     let (c, hh, ww) = (4, 8, 8);
     let n = c * hh * ww;

@@ -43,7 +43,7 @@ fn exact_right_weight(m: &GaussianMixtureModel, beta: f64) -> f64 {
 }
 
 fn ddim(m: &GaussianMixtureModel, eta: f64) -> Box<dyn Sampler> {
-    build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), STEPS, eta).unwrap()
+    build_sampler(SamplerKind::Ddim, m.info().scheduler.vp().unwrap(), STEPS, eta).unwrap()
 }
 
 struct Outcome {
@@ -95,7 +95,7 @@ fn fk(k: usize, beta: f64, potential: Potential, every: usize) -> SteeringSpec {
 fn exact_denoiser_reproduces_the_mixture_with_every_sampler() {
     // No steering: DDIM η=1 and η=0, DDPM and Euler all draw the base mode weights.
     let m = model();
-    let cfg = m.info().scheduler.vp();
+    let cfg = m.info().scheduler.vp().unwrap();
     for (kind, eta, steps) in [
         (SamplerKind::Ddim, 1.0, 100),
         (SamplerKind::Ddim, 0.0, 50),
@@ -260,7 +260,7 @@ fn ctx_with<'a>(
 fn fk_reweights_a_four_step_lcm_run_by_default() {
     // The old fixed `every: 5` never reweighted a 4-step run: FK was best-of-k at the end.
     let m = model();
-    let s = build_sampler(SamplerKind::Lcm, m.info().scheduler.vp(), 4, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::Lcm, m.info().scheduler.vp().unwrap(), 4, 0.0).unwrap();
     let reward = Brightness::new();
     let spec: SteeringSpec = serde_json::from_value(serde_json::json!({"method": "fk", "particles": 4})).unwrap();
     let out = run(&ctx_with(&m, s.as_ref(), &reward, vec![1, 2]), &spec, &mut |_| true).unwrap();
@@ -281,7 +281,7 @@ fn svdd_selects_on_a_one_step_run() {
     // for a stochastic sampler and returned an unsteered sample. Now SVDD chooses among its
     // starting noises, the first of which is the plain run's.
     let m = model();
-    let s = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp(), 1, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp().unwrap(), 1, 0.0).unwrap();
     assert!(!s.is_stochastic(), "one Euler-ancestral step adds no noise");
     let reward = Brightness::new();
     let seeds: Vec<u64> = (0..20).collect();
@@ -307,9 +307,9 @@ fn fk_refuses_schedules_that_cannot_diverge_or_name_no_step() {
     let m = model();
     let reward = Brightness::new();
     // Two Euler-ancestral steps: resampling at step 1 is followed by no noise.
-    let s = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp(), 2, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp().unwrap(), 2, 0.0).unwrap();
     let spec = fk(4, 1.0, Potential::Diff, 1);
-    let err = tiller::steering::check_plan(&spec, s.as_ref(), 4).unwrap_err();
+    let err = tiller::steering::check_plan(&spec, s.as_ref(), tiller::sampling::ScheduleFamily::Vp, 4).unwrap_err();
     assert!(matches!(err, tiller::steering::PlanError::NeedsNoise { method: "fk" }), "{err:?}");
     match run(&ctx_with(&m, s.as_ref(), &reward, vec![1]), &spec, &mut |_| true) {
         Err(tiller::pipeline::GenerationError::InvalidInput(e)) => assert_eq!(e.field, "scheduler"),
@@ -318,23 +318,26 @@ fn fk_refuses_schedules_that_cannot_diverge_or_name_no_step() {
     // The default schedule on the same sampler is empty: terminal selection only, refused as well
     // because nothing can diverge after a resampling. One step only selects: accepted.
     let default: SteeringSpec = serde_json::from_value(serde_json::json!({"method": "fk"})).unwrap();
-    assert!(tiller::steering::check_plan(&default, s.as_ref(), 4).is_err());
-    let one = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp(), 1, 0.0).unwrap();
-    assert!(tiller::steering::check_plan(&default, one.as_ref(), 4).is_ok());
+    assert!(tiller::steering::check_plan(&default, s.as_ref(), tiller::sampling::ScheduleFamily::Vp, 4).is_err());
+    let one = build_sampler(SamplerKind::EulerAncestral, m.info().scheduler.vp().unwrap(), 1, 0.0).unwrap();
+    assert!(tiller::steering::check_plan(&default, one.as_ref(), tiller::sampling::ScheduleFamily::Vp, 4).is_ok());
     // An explicit window that names none of 10 steps.
     let d = ddim(&m, 1.0);
     let late: SteeringSpec =
         serde_json::from_value(serde_json::json!({"method": "fk", "resample": {"start": 0.95, "end": 1.0}})).unwrap();
-    let ten = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 10, 1.0).unwrap();
+    let ten = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp().unwrap(), 10, 1.0).unwrap();
     assert!(matches!(
-        tiller::steering::check_plan(&late, ten.as_ref(), 4),
+        tiller::steering::check_plan(&late, ten.as_ref(), tiller::sampling::ScheduleFamily::Vp, 4),
         Err(tiller::steering::PlanError::EmptySchedule { steps: 10 })
     ));
-    assert!(tiller::steering::check_plan(&late, d.as_ref(), 4).is_ok(), "100 steps: step 95 exists");
+    assert!(
+        tiller::steering::check_plan(&late, d.as_ref(), tiller::sampling::ScheduleFamily::Vp, 4).is_ok(),
+        "100 steps: step 95 exists"
+    );
     // ReNO's step cap.
     let reno: SteeringSpec = serde_json::from_value(serde_json::json!({"method": "reno"})).unwrap();
     assert!(matches!(
-        tiller::steering::check_plan(&reno, ten.as_ref(), 4),
+        tiller::steering::check_plan(&reno, ten.as_ref(), tiller::sampling::ScheduleFamily::Vp, 4),
         Err(tiller::steering::PlanError::TooManyRenoSteps { steps: 10, max: 4 })
     ));
 }

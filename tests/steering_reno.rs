@@ -84,7 +84,7 @@ fn check_gradient(c: &SteerContext, h: f64, tol: f64) {
 #[test]
 fn reno_gradient_matches_finite_differences_on_the_mixture() {
     let m = gmm();
-    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 2, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp().unwrap(), 2, 0.0).unwrap();
     let r = Brightness::new();
     check_gradient(&ctx(&m, s.as_ref(), &r, vec![1, 2], 1.0), 1e-3, 1e-2);
 }
@@ -92,7 +92,7 @@ fn reno_gradient_matches_finite_differences_on_the_mixture() {
 #[test]
 fn reno_gradient_matches_finite_differences_on_sd_turbo_fixture() {
     let m = turbo();
-    let s = build_sampler(SamplerKind::Euler, m.info().scheduler.vp(), 1, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::Euler, m.info().scheduler.vp().unwrap(), 1, 0.0).unwrap();
     let r = Brightness::new();
     // Small steps: the decoder's clamp to [0, 1] has kinks that larger steps straddle.
     check_gradient(&ctx(m.as_ref(), s.as_ref(), &r, vec![3], 0.0), 1e-3, 2e-2);
@@ -107,7 +107,7 @@ fn reno_raises_brightness_on_the_mixture_and_returns_the_best_iterate() {
     let m = gmm();
     // One DDIM step from pure noise (toy-gmm uses trailing spacing, so the step starts at
     // t = 999): a one-step generator, as ReNO targets.
-    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 1, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp().unwrap(), 1, 0.0).unwrap();
     let r = Brightness::new();
     for opt in [Optimizer::Sgd, Optimizer::Adam] {
         // each optimiser's default learning rate
@@ -136,7 +136,7 @@ fn reno_raises_brightness_on_the_mixture_and_returns_the_best_iterate() {
 #[test]
 fn reno_raises_brightness_on_sd_turbo_fixture() {
     let m = turbo();
-    let s = build_sampler(SamplerKind::Euler, m.info().scheduler.vp(), 1, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::Euler, m.info().scheduler.vp().unwrap(), 1, 0.0).unwrap();
     let r = Brightness::new();
     let c = ctx(m.as_ref(), s.as_ref(), &r, vec![5], 0.0);
     let out = run(&c, &SteeringSpec::Reno(reno(6, Optimizer::Sgd, None)), &mut |_| true).unwrap();
@@ -150,7 +150,7 @@ fn reno_raises_brightness_on_sd_turbo_fixture() {
 fn optimised_noise_replays_the_image_with_method_none() {
     // A stochastic 3-step sampler: the replay must reuse the same step noise too.
     let m = gmm();
-    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 3, 1.0).unwrap();
+    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp().unwrap(), 3, 1.0).unwrap();
     let r = Brightness::new();
     let c = ctx(&m, s.as_ref(), &r, vec![42], 1.0);
     let out = run(&c, &SteeringSpec::Reno(reno(5, Optimizer::Sgd, None)), &mut |_| true).unwrap();
@@ -167,7 +167,7 @@ fn optimised_noise_replays_the_image_with_method_none() {
 #[test]
 fn reno_refuses_a_non_differentiable_reward() {
     let m = gmm();
-    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp(), 1, 0.0).unwrap();
+    let s = build_sampler(SamplerKind::Ddim, m.info().scheduler.vp().unwrap(), 1, 0.0).unwrap();
     let r = JpegReward::compressibility();
     let c = ctx(&m, s.as_ref(), &r, vec![1], 1.0);
     match run(&c, &SteeringSpec::Reno(RenoSpec::default()), &mut |_| true) {

@@ -357,10 +357,7 @@ pub(crate) fn metadata(
 fn model_entry(s: &ModelSummary, default: Option<&str>) -> Model {
     let info = &s.info;
     let (h, w) = info.default_size;
-    let prediction = serde_json::to_value(info.scheduler.prediction_type())
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let prediction = info.scheduler.prediction_name().to_string();
     Model {
         id: s.name.clone(),
         object: "model".into(),

@@ -89,6 +89,7 @@ use crate::sampling::SamplerKind;
         crate::steering::fk::ResampleSchedule,
         crate::steering::svdd::SvddSpec,
         crate::steering::reno::RenoSpec,
+        crate::steering::flowchef::FlowChefSpec,
         crate::steering::reno::Optimizer
     )),
     modifiers(&Security),

@@ -321,24 +321,27 @@ fn check_steering(
         }
         None => None,
     };
-    if let (SteeringSpec::Reno(_), Some(r)) = (&spec, &reward) {
+    if let (SteeringSpec::Reno(_) | SteeringSpec::Flowchef(_), Some(r)) = (&spec, &reward) {
         if !r.differentiable() {
+            let who = if matches!(spec, SteeringSpec::Reno(_)) { "ReNO" } else { "FlowChef" };
             return Err(ApiError::invalid(
                 "reward",
-                format!("ReNO needs a differentiable reward; `{}` is not (GET /v1/rewards says which are)", r.name()),
+                format!("{who} needs a differentiable reward; `{}` is not (GET /v1/rewards says which are)", r.name()),
             ));
         }
     }
-    if params.init_latents.is_some() && !matches!(spec, SteeringSpec::None | SteeringSpec::Reno(_)) {
+    if params.init_latents.is_some() && !spec.takes_init_latents() {
         return Err(ApiError::invalid(
             "init_latents",
-            format!("`init_latents` works with steering methods none and reno; `{method}` starts from many noises"),
+            format!("`init_latents` works with steering methods none, reno and flowchef; `{method}` starts from many noises"),
         ));
     }
     let r = crate::steering::resolve(&model.info, params, &spec);
     // Other sampler problems are reported by the sampler checks.
-    if let Ok(sampler) = crate::sampling::build_for(r.scheduler, &model.info.scheduler, r.steps, r.eta) {
-        if let Err(e) = crate::steering::check_plan(&spec, sampler.as_ref(), limits.max_reno_steps) {
+    if let Ok(sampler) = model.info.sampler(&r) {
+        if let Err(e) =
+            crate::steering::check_plan(&spec, sampler.as_ref(), model.info.scheduler.family(), limits.max_reno_steps)
+        {
             let noise_field = if r.scheduler == SamplerKind::Ddim { "eta" } else { "scheduler" };
             let field = e.field(noise_field);
             let message = match e {

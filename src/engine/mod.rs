@@ -351,7 +351,8 @@ pub struct Estimate {
 
 /// Estimate the peak memory of `job` on `model`: one forward of its rows (capped at the batch
 /// row limit: the scheduler never runs more at once), decoding in chunks plus the decoded
-/// images it keeps, its latent state, and for ReNO the gradient graph of every step.
+/// images it keeps, its latent state, for ReNO the gradient graph of every step and for FlowChef
+/// the decoder's.
 pub fn estimate(model: &dyn DiffusionModel, job: &Job, opts: &EngineOptions) -> Estimate {
     // In f64: the sizes an operator's limits allow can overflow integer products, and an
     // estimate only has to be an upper bound (`as u64` saturates).
@@ -379,6 +380,8 @@ pub fn estimate(model: &dyn DiffusionModel, job: &Job, opts: &EngineOptions) -> 
         // (tests/engine_memory.rs), so 16× leaves a margin.
         SteeringSpec::Reno(s) => (steps * rows * fwd_row * 16.0 + n * decode_image * 4.0, s.iterations as f64 * steps),
         SteeringSpec::Svdd(_) => (0.0, steps * 2.0),
+        // FlowChef differentiates the decoder and the reward (not the network) once per move.
+        SteeringSpec::Flowchef(_) => (n * decode_image * 4.0, steps),
         _ => (0.0, steps),
     };
     let bytes = fwd + decode + state + reno + (16u64 << 20) as f64;

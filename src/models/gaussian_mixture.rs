@@ -1,5 +1,6 @@
 //! An analytic "model" whose data distribution is a Gaussian mixture in image space, with the
-//! exact noise prediction (the posterior mean E[x0 | x_t]; docs/steering.md).
+//! exact noise prediction (the posterior mean E[x0 | x_t]; docs/steering.md), on a
+//! variance-preserving schedule (ε output) or a flow-matching one (velocity output, docs/flows.md).
 //!
 //! Because the optimal denoiser is known in closed form, so is the reward-tilted distribution
 //! p(x)·exp(β·r(x)) for a linear reward: steering strategies can be checked against exact
@@ -14,7 +15,7 @@ use serde::Deserialize;
 use crate::error::TillerError;
 use crate::models::{DiffusionModel, ModelInfo, PredictionType, PromptEmbedding, SamplingDefaults};
 use crate::sampling::schedule::{np_interp_index, NoiseSchedule};
-use crate::sampling::SchedulerConfig;
+use crate::sampling::{FlowSigmas, ScheduleConfig};
 
 /// The file that marks a Gaussian-mixture model directory.
 pub const CONFIG_FILE: &str = "gmm.json";
@@ -80,14 +81,24 @@ impl Mixture {
     }
 }
 
+/// How a timestep maps to the path x_t = a·x0 + s·ε.
+enum NoisePath {
+    /// Variance preserving: a = √ᾱ_t, s = √(1 − ᾱ_t); the model predicts ε.
+    Vp {
+        schedule: NoiseSchedule,
+        /// Euler's σ table, to map fractional timesteps to ᾱ as diffusers does.
+        sigmas: Vec<f32>,
+    },
+    /// Flow matching: σ = t / N, a = 1 − σ, s = σ; the model predicts the velocity ε − x0.
+    Flow { num_train: f64 },
+}
+
 /// The analytic model.
 pub struct GaussianMixtureModel {
     info: ModelInfo,
     device: Device,
     mixture: Mixture,
-    schedule: NoiseSchedule,
-    /// Euler's σ table, to map fractional timesteps to ᾱ as diffusers does.
-    sigmas: Vec<f32>,
+    path: NoisePath,
     /// (K, D) means on the device.
     means: Tensor,
     shape: (usize, usize, usize),
@@ -156,15 +167,19 @@ impl GaussianMixtureModel {
         let weights = weights.iter().map(|w| w / total).collect();
         let mixture = Mixture { weights, means, stds };
 
-        let scheduler = SchedulerConfig::from_json(&cfg.scheduler.to_string())
-            .map_err(|e| bad("scheduler", format!("not a scheduler config: {e}")))?;
-        let schedule_config = crate::sampling::ScheduleConfig::from_scheduler_config(scheduler.clone())
-            .map_err(|m| bad("scheduler._class_name", m))?;
-        if !matches!(scheduler.prediction_type, PredictionType::Epsilon) {
-            return Err(bad("scheduler.prediction_type", "the analytic model predicts epsilon".into()));
-        }
-        let schedule = NoiseSchedule::from_config(&scheduler).map_err(|m| bad("scheduler", m))?;
-        let sigmas = schedule.sigmas_f32();
+        let schedule_config = ScheduleConfig::from_json(&cfg.scheduler.to_string(), FlowSigmas::Scheduler)
+            .map_err(|m| bad("scheduler", m))?;
+        let path = match &schedule_config {
+            ScheduleConfig::Vp(scheduler) => {
+                if !matches!(scheduler.prediction_type, PredictionType::Epsilon) {
+                    return Err(bad("scheduler.prediction_type", "the analytic model predicts epsilon".into()));
+                }
+                let schedule = NoiseSchedule::from_config(scheduler).map_err(|m| bad("scheduler", m))?;
+                let sigmas = schedule.sigmas_f32();
+                NoisePath::Vp { schedule, sigmas }
+            }
+            ScheduleConfig::Flow { config, .. } => NoisePath::Flow { num_train: config.num_train_timesteps as f64 },
+        };
         let flat: Vec<f32> = mixture.means.iter().flatten().map(|&v| v as f32).collect();
         let means = Tensor::from_vec(flat, (mixture.means.len(), d), device)?;
         let info = ModelInfo {
@@ -175,25 +190,37 @@ impl GaussianMixtureModel {
             default_size: (h, w),
             fixed_size: true,
             inpainting: false,
-            defaults: SamplingDefaults::derive(&scheduler, false, 0),
+            defaults: SamplingDefaults::derive(&schedule_config, false, 0),
             scheduler: schedule_config,
             guidance_embedding: false,
             max_prompt_tokens: 0,
+            patch_size: 1,
         };
-        Ok(Self { info, device: device.clone(), mixture, schedule, sigmas, means, shape: (c, h, w) })
+        Ok(Self { info, device: device.clone(), mixture, path, means, shape: (c, h, w) })
     }
 
     pub fn mixture(&self) -> &Mixture {
         &self.mixture
     }
 
-    /// ᾱ at a (possibly fractional) timestep, interpolating σ like diffusers' Euler does.
-    fn abar(&self, t: f64) -> f64 {
-        if t.fract() == 0.0 && t >= 0.0 && (t as usize) < self.schedule.len() {
-            return self.schedule.abar(t as usize);
+    /// (a, s) of the path at a (possibly fractional) timestep; for VP schedules σ is
+    /// interpolated like diffusers' Euler does.
+    fn path_at(&self, t: f64) -> (f64, f64) {
+        match &self.path {
+            NoisePath::Vp { schedule, sigmas } => {
+                let abar = if t.fract() == 0.0 && t >= 0.0 && (t as usize) < schedule.len() {
+                    schedule.abar(t as usize)
+                } else {
+                    let sigma = np_interp_index(t, sigmas);
+                    1.0 / (sigma * sigma + 1.0)
+                };
+                (abar.sqrt(), (1.0 - abar).sqrt())
+            }
+            NoisePath::Flow { num_train } => {
+                let sigma = (t / num_train).clamp(0.0, 1.0);
+                (1.0 - sigma, sigma)
+            }
         }
-        let sigma = np_interp_index(t, &self.sigmas);
-        1.0 / (sigma * sigma + 1.0)
     }
 
     /// The exact posterior mean E[x0 | x_t = x] for x shaped (B, D), with a = √ᾱ, s = √(1−ᾱ).
@@ -284,12 +311,18 @@ impl DiffusionModel for GaussianMixtureModel {
             while end < b && ts[end] == ts[start] {
                 end += 1;
             }
-            let abar = self.abar(ts[start]);
-            let (a, s) = (abar.sqrt(), (1.0 - abar).sqrt());
+            let (a, s) = self.path_at(ts[start]);
+            if s <= 0.0 {
+                candle_core::bail!("timestep {} is noise-free: the exact model has no output there", ts[start]);
+            }
             let part = flat.narrow(0, start, end - start)?;
             let mean = self.posterior_mean(&part, a, s)?;
-            // ε* = (x − a·E[x0|x]) / s
-            rows.push(((part - (mean * a)?)? / s)?);
+            rows.push(match self.path {
+                // ε* = (x − a·E[x0|x]) / s
+                NoisePath::Vp { .. } => ((part - (mean * a)?)? / s)?,
+                // v* = E[ε − x0 | x] = (x − E[x0|x]) / σ, as a + s = 1
+                NoisePath::Flow { .. } => ((part - mean)? / s)?,
+            });
             start = end;
         }
         let eps = if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? };

@@ -21,7 +21,7 @@ pub mod weights;
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::sampling::{SamplerKind, ScheduleConfig, SchedulerConfig};
+use crate::sampling::{SamplerKind, ScheduleConfig};
 
 /// Re-exported for callers that name it with the models; it lives with the samplers, which
 /// interpret it.
@@ -51,6 +51,9 @@ pub struct ModelInfo {
     pub guidance_embedding: bool,
     /// Maximum prompt length in tokens (including start/end tokens); 0 when prompts are ignored.
     pub max_prompt_tokens: usize,
+    /// Latent pixels per network token along each side (2 for transformers that pack 2×2
+    /// patches, 1 otherwise): flow schedules shift by the image's token count.
+    pub patch_size: usize,
     /// What a request that names none of them gets: sampler, steps and guidance scale.
     pub defaults: SamplingDefaults,
 }
@@ -66,9 +69,9 @@ pub struct SamplingDefaults {
 impl SamplingDefaults {
     /// The defaults of the pipelines that ship such models: LCM → 4 steps (guidance 8.5 through
     /// the embedding, 1.0 without one); trailing-spaced Euler (SD-Turbo) → 1 step without
-    /// guidance; otherwise 50 steps at 7.5, or at 1.0 for models that ignore prompts (guidance
-    /// would only double the work).
-    pub fn derive(scheduler: &SchedulerConfig, guidance_embedding: bool, max_prompt_tokens: usize) -> Self {
+    /// guidance; flow samplers → 28 steps at 7.0 (the SD3 pipeline's); otherwise 50 steps at
+    /// 7.5. Models that ignore prompts get guidance 1.0 (guidance would only double the work).
+    pub fn derive(scheduler: &ScheduleConfig, guidance_embedding: bool, max_prompt_tokens: usize) -> Self {
         let sampler = scheduler.default_sampler();
         let (steps, guidance_scale) = Self::for_sampler(sampler, scheduler, guidance_embedding, max_prompt_tokens);
         Self { sampler, steps, guidance_scale }
@@ -77,17 +80,19 @@ impl SamplingDefaults {
     /// Steps and guidance when a request picks `sampler` but not the numbers.
     pub fn for_sampler(
         sampler: SamplerKind,
-        scheduler: &SchedulerConfig,
+        scheduler: &ScheduleConfig,
         guidance_embedding: bool,
         max_prompt_tokens: usize,
     ) -> (usize, f64) {
-        let turbo = scheduler.timestep_spacing == Some(crate::sampling::TimestepSpacing::Trailing)
-            && matches!(sampler, SamplerKind::Euler | SamplerKind::EulerAncestral);
+        let turbo =
+            scheduler.vp().is_some_and(|c| c.timestep_spacing == Some(crate::sampling::TimestepSpacing::Trailing))
+                && matches!(sampler, SamplerKind::Euler | SamplerKind::EulerAncestral);
+        let guidance = |g: f64| if max_prompt_tokens == 0 { 1.0 } else { g };
         match sampler {
             SamplerKind::Lcm => (4, if guidance_embedding { 8.5 } else { 1.0 }),
             _ if turbo => (1, 0.0),
-            _ if max_prompt_tokens == 0 => (50, 1.0),
-            _ => (50, 7.5),
+            SamplerKind::FlowEuler | SamplerKind::FlowSde => (28, guidance(7.0)),
+            _ => (50, guidance(7.5)),
         }
     }
 }
@@ -99,7 +104,18 @@ impl ModelInfo {
         if sampler == self.defaults.sampler {
             return (self.defaults.steps, self.defaults.guidance_scale);
         }
-        SamplingDefaults::for_sampler(sampler, self.scheduler.vp(), self.guidance_embedding, self.max_prompt_tokens)
+        SamplingDefaults::for_sampler(sampler, &self.scheduler, self.guidance_embedding, self.max_prompt_tokens)
+    }
+
+    /// The image's length in network tokens at `height`×`width` pixels.
+    pub fn image_seq_len(&self, height: usize, width: usize) -> usize {
+        let side = (self.vae_scale_factor * self.patch_size).max(1);
+        (height / side) * (width / side)
+    }
+
+    /// The sampler resolved parameters ask for, on this model's schedule.
+    pub fn sampler(&self, p: &crate::pipeline::ResolvedParams) -> Result<Box<dyn crate::sampling::Sampler>> {
+        crate::sampling::build_for(p.scheduler, &self.scheduler, p.steps, p.eta, self.image_seq_len(p.height, p.width))
     }
 }
 

@@ -146,10 +146,11 @@ impl StableDiffusion {
             default_size: (side, side),
             fixed_size: false,
             inpainting,
-            scheduler: schedule,
             guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
             max_prompt_tokens: tokenizer.max_len(),
-            defaults: SamplingDefaults::derive(&scheduler, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len()),
+            patch_size: 1,
+            defaults: SamplingDefaults::derive(&schedule, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len()),
+            scheduler: schedule,
         };
         Ok(Self {
             info,

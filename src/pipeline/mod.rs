@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 pub mod edit;
 
 use crate::models::{DiffusionModel, ModelInfo};
-use crate::sampling::{build_for, NoiseSource, Sampler, SamplerKind, SeededNoise};
+use crate::sampling::{NoiseSource, Sampler, SamplerKind, SeededNoise};
 
 /// What a caller asks for; `None` fields take the model's defaults (see [`resolve`]).
 #[derive(Debug, Clone, Default)]
@@ -57,7 +57,17 @@ pub fn resolve_for(info: &ModelInfo, p: &GenerationParams) -> ResolvedParams {
         steps: p.steps.unwrap_or(steps),
         guidance_scale: p.guidance_scale.unwrap_or(guidance),
         scheduler,
-        eta: p.eta.unwrap_or(0.0),
+        eta: p.eta.unwrap_or(default_eta(scheduler)),
+    }
+}
+
+/// η when a request sets none: flow-sde is the stochastic flow sampler, so 1 (ancestral noise);
+/// 0 elsewhere (DDIM's diffusers default).
+pub fn default_eta(scheduler: SamplerKind) -> f64 {
+    if scheduler == SamplerKind::FlowSde {
+        1.0
+    } else {
+        0.0
     }
 }
 
@@ -328,7 +338,7 @@ pub fn generate_with_noise(
         }
         None => drawn,
     };
-    let sampler = build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+    let sampler = model.info().sampler(&params)?;
 
     let t0 = Instant::now();
     let cond = Conditioning::new(model, &p.prompt, p.negative_prompt.as_deref(), params.guidance_scale, n)?;

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::flow::{FlowSchedulerConfig, FlowSigmas};
+
 /// What the network predicts (diffusers' `prediction_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -11,48 +13,96 @@ pub enum PredictionType {
     Sample,
 }
 
-/// The family of noise schedules a scheduler class samples. Every sampler tiller has runs on a
-/// variance-preserving schedule given by betas; flow-matching schedules (sigmas on a straight
-/// path) are a family of their own that samplers will have to say they support.
+/// The family of noise schedules a scheduler class samples: variance-preserving diffusion on
+/// betas, or flow matching (sigmas on the straight path x = (1 − σ)·x0 + σ·ε). Each sampler
+/// kind runs on one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScheduleFamily {
     /// Variance-preserving diffusion on a beta schedule (DDPM, DDIM, Euler, LCM, PNDM, ...).
     Vp,
+    /// Flow matching with a velocity-predicting network (FlowMatchEulerDiscreteScheduler).
+    Flow,
 }
 
-/// A model's noise schedule, by family: what its samplers are built from. Code that needs the
-/// beta-schedule fields asks for them with [`ScheduleConfig::vp`]; a new family (flow
-/// sigmas) adds a variant here and a match arm wherever samplers are built.
+/// A model's noise schedule, by family: what its samplers are built from.
 #[derive(Debug, Clone)]
 pub enum ScheduleConfig {
     /// Variance-preserving diffusion on betas, as diffusers' `scheduler_config.json` gives it.
     Vp(SchedulerConfig),
+    /// A flow-matching schedule, and how the model's pipeline spaces its sigmas.
+    Flow { config: FlowSchedulerConfig, sigmas: FlowSigmas },
 }
+
+/// The flow-matching scheduler classes tiller samples.
+pub const FLOW_CLASSES: &[&str] = &["FlowMatchEulerDiscreteScheduler"];
 
 impl ScheduleConfig {
     /// Check a parsed `scheduler_config.json` and wrap it in its family (an unknown or
-    /// flow-matching class is an error naming the class).
+    /// flow-matching class is an error naming the class; see [`ScheduleConfig::from_json`]).
     pub fn from_scheduler_config(cfg: SchedulerConfig) -> std::result::Result<Self, String> {
         match cfg.family()? {
             ScheduleFamily::Vp => Ok(Self::Vp(cfg)),
+            ScheduleFamily::Flow => Err(format!("`{}` is a flow-matching class", cfg.class_name)),
         }
     }
 
-    /// The beta-schedule config (every family tiller samples today).
-    pub fn vp(&self) -> &SchedulerConfig {
+    /// Parse a `scheduler_config.json` of either family, by its `_class_name`; `sigmas` is how
+    /// the model's pipeline spaces flow sigmas (ignored for beta schedules).
+    pub fn from_json(text: &str, sigmas: FlowSigmas) -> std::result::Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let class = value.get("_class_name").and_then(|c| c.as_str()).unwrap_or_default();
+        if FLOW_CLASSES.contains(&class) {
+            let config = FlowSchedulerConfig::from_json(text).map_err(|e| e.to_string())?;
+            config.check()?;
+            return Ok(Self::Flow { config, sigmas });
+        }
+        let cfg = SchedulerConfig::from_json(text).map_err(|e| e.to_string())?;
+        Self::from_scheduler_config(cfg)
+    }
+
+    pub fn family(&self) -> ScheduleFamily {
         match self {
-            Self::Vp(c) => c,
+            Self::Vp(_) => ScheduleFamily::Vp,
+            Self::Flow { .. } => ScheduleFamily::Flow,
+        }
+    }
+
+    /// The beta-schedule config, for variance-preserving models.
+    pub fn vp(&self) -> Option<&SchedulerConfig> {
+        match self {
+            Self::Vp(c) => Some(c),
+            Self::Flow { .. } => None,
         }
     }
 
     /// The diffusers class named in the config.
     pub fn class_name(&self) -> &str {
-        &self.vp().class_name
+        match self {
+            Self::Vp(c) => &c.class_name,
+            Self::Flow { config, .. } => &config.class_name,
+        }
     }
 
-    pub fn prediction_type(&self) -> PredictionType {
-        self.vp().prediction_type
+    /// What the network predicts, by diffusers' name (`epsilon`, `v_prediction`, `sample`,
+    /// and `flow_prediction` for a velocity).
+    pub fn prediction_name(&self) -> &'static str {
+        match self {
+            Self::Vp(c) => match c.prediction_type {
+                PredictionType::Epsilon => "epsilon",
+                PredictionType::VPrediction => "v_prediction",
+                PredictionType::Sample => "sample",
+            },
+            Self::Flow { .. } => "flow_prediction",
+        }
+    }
+
+    /// The sampler a request that names none gets.
+    pub fn default_sampler(&self) -> SamplerKind {
+        match self {
+            Self::Vp(c) => c.default_sampler(),
+            Self::Flow { .. } => SamplerKind::FlowEuler,
+        }
     }
 }
 
@@ -83,6 +133,10 @@ pub enum SamplerKind {
     Euler,
     EulerAncestral,
     Lcm,
+    /// Flow matching: diffusers' FlowMatchEulerDiscreteScheduler.
+    FlowEuler,
+    /// Flow matching with noise (η): the DDIM-η step on the flow path.
+    FlowSde,
 }
 
 impl SamplerKind {
@@ -94,6 +148,16 @@ impl SamplerKind {
             SamplerKind::Euler => "euler",
             SamplerKind::EulerAncestral => "euler-ancestral",
             SamplerKind::Lcm => "lcm",
+            SamplerKind::FlowEuler => "flow-euler",
+            SamplerKind::FlowSde => "flow-sde",
+        }
+    }
+
+    /// The schedule family the sampler runs on.
+    pub fn family(self) -> ScheduleFamily {
+        match self {
+            SamplerKind::FlowEuler | SamplerKind::FlowSde => ScheduleFamily::Flow,
+            _ => ScheduleFamily::Vp,
         }
     }
 }
@@ -244,12 +308,19 @@ impl SchedulerConfig {
         if c.is_empty() || Self::kind_for_class(c).is_some() || VP_CLASSES_SAMPLED_WITH_DDIM.contains(&c) {
             return Ok(ScheduleFamily::Vp);
         }
+        if FLOW_CLASSES.contains(&c) {
+            return Ok(ScheduleFamily::Flow);
+        }
         if c.starts_with("FlowMatch") {
-            return Err(format!("scheduler class `{c}` is a flow-matching schedule, which tiller cannot sample yet"));
+            return Err(format!(
+                "flow-matching scheduler class `{c}` is not supported; tiller samples {}",
+                FLOW_CLASSES.join(", ")
+            ));
         }
         Err(format!(
             "unknown scheduler class `{c}`; tiller samples DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, \
-             EulerAncestralDiscreteScheduler and LCMScheduler, and samples {} with DDIM on the same betas",
+             EulerAncestralDiscreteScheduler, LCMScheduler and {}, and samples {} with DDIM on the same betas",
+            FLOW_CLASSES.join(", "),
             VP_CLASSES_SAMPLED_WITH_DDIM.join(", ")
         ))
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod ddim;
 pub mod ddpm;
 pub mod euler;
+pub mod flow;
 pub mod lcm;
 pub mod noise;
 pub mod schedule;
@@ -17,6 +18,7 @@ pub use config::{PredictionType, SamplerKind, ScheduleConfig, ScheduleFamily, Sc
 pub use ddim::Ddim;
 pub use ddpm::{Ddpm, DdpmVariance};
 pub use euler::Euler;
+pub use flow::{FlowEuler, FlowSchedulerConfig, FlowSde, FlowSigmas};
 pub use lcm::Lcm;
 pub use noise::{NoiseSource, ReplayNoise, SeededNoise};
 pub use schedule::NoiseSchedule;
@@ -153,6 +155,8 @@ pub fn default_spacing(kind: SamplerKind) -> TimestepSpacing {
     match kind {
         SamplerKind::Ddim | SamplerKind::Ddpm | SamplerKind::Lcm => TimestepSpacing::Leading,
         SamplerKind::Euler | SamplerKind::EulerAncestral => TimestepSpacing::Linspace,
+        // Flow samplers space sigmas, not betas; the value is never read for them.
+        SamplerKind::FlowEuler | SamplerKind::FlowSde => TimestepSpacing::Linspace,
     }
 }
 
@@ -169,6 +173,9 @@ fn lcm_original_steps(cfg: &SchedulerConfig) -> usize {
 /// (`steps`, `eta`, `scheduler`) and are meant for a 400 answer.
 pub fn check_params(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta: f64) -> crate::error::Result<()> {
     use crate::error::TillerError;
+    if kind.family() != ScheduleFamily::Vp {
+        return Err(wrong_family(kind, ScheduleFamily::Vp));
+    }
     let max = match kind {
         SamplerKind::Lcm => lcm_original_steps(cfg).min(cfg.num_train_timesteps),
         _ => cfg.num_train_timesteps,
@@ -247,6 +254,7 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta
     let spacing = effective_spacing(kind, cfg);
     let pred = cfg.prediction_type;
     Ok(match kind {
+        SamplerKind::FlowEuler | SamplerKind::FlowSde => unreachable!("check_params refuses flow samplers here"),
         SamplerKind::Ddim => {
             let ts = schedule::integer_timesteps(spacing, n_train, steps, cfg.steps_offset);
             let ts = to_usize_timesteps(ts, n_train)?;
@@ -284,11 +292,78 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta
     })
 }
 
-/// Build sampler `kind` on a model's schedule (the entry point for model code; a flow family
-/// will branch here).
-pub fn build_for(kind: SamplerKind, schedule: &ScheduleConfig, steps: usize, eta: f64) -> Result<Box<dyn Sampler>> {
+/// The error for a sampler asked to run on a schedule of the other family.
+fn wrong_family(kind: SamplerKind, schedule: ScheduleFamily) -> crate::error::TillerError {
+    let (what, use_) = match schedule {
+        ScheduleFamily::Vp => ("a variance-preserving (beta) schedule", "ddim, ddpm, euler, euler-ancestral or lcm"),
+        ScheduleFamily::Flow => ("a flow-matching schedule", "flow-euler or flow-sde"),
+    };
+    crate::error::TillerError::field(
+        "scheduler",
+        format!("`{kind}` cannot sample this model: it has {what}; use {use_}"),
+    )
+}
+
+/// Check request parameters for a flow sampler (steps, η); errors name the field.
+pub fn check_flow_params(
+    kind: SamplerKind,
+    cfg: &FlowSchedulerConfig,
+    steps: usize,
+    eta: f64,
+) -> crate::error::Result<()> {
+    use crate::error::TillerError;
+    if kind.family() != ScheduleFamily::Flow {
+        return Err(wrong_family(kind, ScheduleFamily::Flow));
+    }
+    if steps == 0 {
+        return Err(TillerError::field("steps", "must be at least 1"));
+    }
+    if steps > cfg.num_train_timesteps {
+        return Err(TillerError::field(
+            "steps",
+            format!("{steps} exceeds num_train_timesteps ({})", cfg.num_train_timesteps),
+        ));
+    }
+    if !(0.0..=1.0).contains(&eta) {
+        return Err(TillerError::field("eta", format!("must be in [0, 1], got {eta}")));
+    }
+    Ok(())
+}
+
+/// Build flow sampler `kind` for `steps` steps: η is flow-sde's noise level (flow-euler
+/// ignores it), `image_seq_len` the image's token count for resolution-dependent shifting.
+pub fn build_flow_sampler(
+    kind: SamplerKind,
+    cfg: &FlowSchedulerConfig,
+    sigmas: FlowSigmas,
+    steps: usize,
+    eta: f64,
+    image_seq_len: usize,
+) -> Result<Box<dyn Sampler>> {
+    check_flow_params(kind, cfg, steps, eta).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    cfg.check().map_err(|m| candle_core::Error::Msg(format!("scheduler config: {m}")))?;
+    let sig = cfg.sigmas(steps, sigmas, image_seq_len);
+    if sig.iter().any(|s| !(s.is_finite() && *s > 0.0 && *s <= 1.0)) {
+        candle_core::bail!("scheduler config gives sigmas outside (0, 1]: {sig:?}");
+    }
+    Ok(match kind {
+        SamplerKind::FlowEuler => Box::new(FlowEuler::new(sig, cfg.num_train_timesteps, cfg.stochastic_sampling)),
+        _ => Box::new(FlowSde::new(sig, cfg.num_train_timesteps, eta)),
+    })
+}
+
+/// Build sampler `kind` on a model's schedule (the entry point for model code). `image_seq_len`
+/// is the image's length in network tokens (flow models shift their sigmas by it).
+pub fn build_for(
+    kind: SamplerKind,
+    schedule: &ScheduleConfig,
+    steps: usize,
+    eta: f64,
+    image_seq_len: usize,
+) -> Result<Box<dyn Sampler>> {
     match schedule {
         ScheduleConfig::Vp(cfg) => build_sampler(kind, cfg, steps, eta),
+        ScheduleConfig::Flow { config, sigmas } => build_flow_sampler(kind, config, *sigmas, steps, eta, image_seq_len),
     }
 }
 
@@ -296,6 +371,7 @@ pub fn build_for(kind: SamplerKind, schedule: &ScheduleConfig, steps: usize, eta
 pub fn check_for(kind: SamplerKind, schedule: &ScheduleConfig, steps: usize, eta: f64) -> crate::error::Result<()> {
     match schedule {
         ScheduleConfig::Vp(cfg) => check_params(kind, cfg, steps, eta),
+        ScheduleConfig::Flow { config, .. } => check_flow_params(kind, config, steps, eta),
     }
 }
 

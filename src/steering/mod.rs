@@ -2,13 +2,15 @@
 //!
 //! Each strategy composes a [`Sampler`], a [`DiffusionModel`] and a [`Reward`] and lives in
 //! its own file: `best_of_n`, `fk` (Feynman–Kac particle resampling), `svdd` (soft value-based
-//! decoding) and `reno` (initial-noise optimisation). A request for `n` images runs `n`
+//! decoding), `reno` (initial-noise optimisation) and `flowchef` (gradient steps in a flow
+//! model's vector field). A request for `n` images runs `n`
 //! independent steered generations ("groups"); all latents of all groups go through the
 //! denoiser as one batch, and particles are only ever resampled within their own group.
 //! Group `g` draws all its noise from seed `seed + g`, so a result replays from its seed.
 
 pub mod best_of_n;
 pub mod fk;
+pub mod flowchef;
 pub mod reno;
 pub mod svdd;
 pub mod weights;
@@ -43,10 +45,11 @@ pub enum SteeringSpec {
     Fk(fk::FkSpec),
     Svdd(svdd::SvddSpec),
     Reno(reno::RenoSpec),
+    Flowchef(flowchef::FlowChefSpec),
 }
 
 /// The `method` values, in the order error messages list them.
-pub const METHODS: &[&str] = &["none", "best_of_n", "fk", "svdd", "reno"];
+pub const METHODS: &[&str] = &["none", "best_of_n", "fk", "svdd", "reno", "flowchef"];
 
 impl<'de> Deserialize<'de> for SteeringSpec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -84,6 +87,7 @@ impl<'de> Deserialize<'de> for SteeringSpec {
             "fk" => SteeringSpec::Fk(nested(rest, "")?),
             "svdd" => SteeringSpec::Svdd(nested(rest, "")?),
             "reno" => SteeringSpec::Reno(nested(rest, "")?),
+            "flowchef" => SteeringSpec::Flowchef(nested(rest, "")?),
             other => {
                 return Err(error_at(
                     "method",
@@ -102,13 +106,14 @@ impl SteeringSpec {
             SteeringSpec::Fk(_) => "fk",
             SteeringSpec::Svdd(_) => "svdd",
             SteeringSpec::Reno(_) => "reno",
+            SteeringSpec::Flowchef(_) => "flowchef",
         }
     }
 
     /// Latents per image in one denoiser batch (particles, candidates, samples).
     pub fn latents_per_image(&self) -> usize {
         match self {
-            SteeringSpec::None | SteeringSpec::Reno(_) => 1,
+            SteeringSpec::None | SteeringSpec::Reno(_) | SteeringSpec::Flowchef(_) => 1,
             SteeringSpec::BestOfN(s) => s.n,
             SteeringSpec::Fk(s) => s.particles,
             SteeringSpec::Svdd(s) => s.candidates,
@@ -158,7 +163,13 @@ impl SteeringSpec {
                 }
                 s.validate().map_err(|e| e.within("steering"))
             }
+            SteeringSpec::Flowchef(s) => s.validate().map_err(|e| e.within("steering")),
         }
+    }
+
+    /// Strategies that start from one noise per image, which `init_latents` can replace.
+    pub fn takes_init_latents(&self) -> bool {
+        matches!(self, SteeringSpec::None | SteeringSpec::Reno(_) | SteeringSpec::Flowchef(_))
     }
 }
 
@@ -191,6 +202,8 @@ pub enum PlanError {
     EmptySchedule { steps: usize },
     /// ReNO over more steps than `limits.max_reno_steps`.
     TooManyRenoSteps { steps: usize, max: usize },
+    /// FlowChef on a model that is not a flow-matching model.
+    NeedsFlowModel,
 }
 
 impl PlanError {
@@ -200,6 +213,7 @@ impl PlanError {
             PlanError::NeedsNoise { .. } => noise_field.to_string(),
             PlanError::EmptySchedule { .. } => "steering.resample".into(),
             PlanError::TooManyRenoSteps { .. } => "steps".into(),
+            PlanError::NeedsFlowModel => "steering.method".into(),
         }
     }
 }
@@ -211,7 +225,8 @@ impl std::fmt::Display for PlanError {
                 f,
                 "steering method `{method}` needs a stochastic sampler, one that adds noise after the steps it \
                  steers at (copies of a particle never diverge under deterministic steps). Use ddim with eta > 0 \
-                 (the default for {method}), ddpm, euler-ancestral or lcm"
+                 (the default for {method}), ddpm, euler-ancestral or lcm on diffusion models, and flow-sde with \
+                 eta > 0 (the default for {method}) on flow models"
             ),
             PlanError::EmptySchedule { steps } => write!(
                 f,
@@ -224,16 +239,27 @@ impl std::fmt::Display for PlanError {
                 "ReNO backpropagates through every sampling step; at most {max} steps (limits.max_reno_steps), got \
                  {steps}. Use a few-step generator (`lcm` with an LCM-LoRA such as `shapes-lcm`, or SD-Turbo)"
             ),
+            PlanError::NeedsFlowModel => f.write_str(
+                "FlowChef steers flow-matching models (its gradient skipping relies on x̂0 = x − σ·v); this \
+                 model is a diffusion model: use fk, svdd, reno or best_of_n",
+            ),
         }
     }
 }
 
 /// The checks that need the sampler and step count, in one place for request validation and for
 /// [`run`]: FK and SVDD must have noise after a step they steer at (a one-step run only selects,
-/// which needs none), an explicit FK schedule must name a step, ReNO's steps are capped.
-pub fn check_plan(spec: &SteeringSpec, sampler: &dyn Sampler, max_reno_steps: usize) -> Result<(), PlanError> {
+/// which needs none), an explicit FK schedule must name a step, ReNO's steps are capped,
+/// FlowChef runs on flow models (`family` is the model's schedule family).
+pub fn check_plan(
+    spec: &SteeringSpec,
+    sampler: &dyn Sampler,
+    family: crate::sampling::ScheduleFamily,
+    max_reno_steps: usize,
+) -> Result<(), PlanError> {
     let n = sampler.num_steps();
     match spec {
+        SteeringSpec::Flowchef(_) if family != crate::sampling::ScheduleFamily::Flow => Err(PlanError::NeedsFlowModel),
         SteeringSpec::Fk(s) if n >= 2 => {
             let steps = s.resample.steps(n, |i| sampler.injects_noise(i));
             if !steps.iter().any(|&i| sampler.injects_noise(i)) {
@@ -368,17 +394,21 @@ pub fn run(
     }
     // The API and the CLI check this with the configured ReNO step cap; here only what would
     // make the strategy meaningless.
-    if let Err(e) = check_plan(spec, ctx.sampler, usize::MAX) {
+    if let Err(e) = check_plan(spec, ctx.sampler, ctx.model.info().scheduler.family(), usize::MAX) {
         let field = match e {
             PlanError::EmptySchedule { .. } => "steering.resample",
+            PlanError::NeedsFlowModel => "steering.method",
             _ => "scheduler",
         };
         return Err(invalid(field, e.to_string()));
     }
-    if ctx.init_latents.is_some() && !matches!(spec, SteeringSpec::None | SteeringSpec::Reno(_)) {
+    if ctx.init_latents.is_some() && !spec.takes_init_latents() {
         return Err(invalid(
             "init_latents",
-            format!("`{}` starts from many noises per image; init_latents works with `none` and `reno`", spec.method()),
+            format!(
+                "`{}` starts from many noises per image; init_latents works with `none`, `reno` and `flowchef`",
+                spec.method()
+            ),
         ));
     }
     match spec {
@@ -387,6 +417,7 @@ pub fn run(
         SteeringSpec::Fk(s) => fk::run(ctx, s, progress),
         SteeringSpec::Svdd(s) => svdd::run(ctx, s, progress),
         SteeringSpec::Reno(s) => reno::run(ctx, s, progress),
+        SteeringSpec::Flowchef(s) => flowchef::run(ctx, s, progress),
     }
 }
 
@@ -668,16 +699,24 @@ pub struct SteeredGeneration {
 }
 
 /// The sampler parameters a steering request runs with: the model's defaults, except that FK and
-/// SVDD default to DDIM with η = 1 (DDPM-like noise; the reference code's setting) when the
-/// request leaves η unset.
+/// SVDD need noise: DDIM runs with η = 1 (DDPM-like noise; the reference code's setting) when the
+/// request leaves η unset, and a flow model's default flow-euler becomes flow-sde (η = 1 unless
+/// the request sets η).
 pub fn resolve(
     info: &crate::models::ModelInfo,
     p: &crate::pipeline::GenerationParams,
     spec: &SteeringSpec,
 ) -> crate::pipeline::ResolvedParams {
+    use crate::sampling::SamplerKind;
     let mut r = crate::pipeline::resolve_for(info, p);
-    if spec.needs_stochastic_sampler() && p.eta.is_none() && r.scheduler == crate::sampling::SamplerKind::Ddim {
-        r.eta = 1.0;
+    if spec.needs_stochastic_sampler() {
+        if r.scheduler == SamplerKind::FlowEuler && p.scheduler.is_none() {
+            r.scheduler = SamplerKind::FlowSde;
+            r.eta = p.eta.unwrap_or(1.0);
+        }
+        if p.eta.is_none() && r.scheduler == SamplerKind::Ddim {
+            r.eta = 1.0;
+        }
     }
     r
 }
@@ -701,7 +740,7 @@ pub fn generate(
             format!("model `{}` is an inpainting model: it edits an image with a mask", model.info().name),
         )));
     }
-    let mut sampler = crate::sampling::build_for(params.scheduler, &model.info().scheduler, params.steps, params.eta)?;
+    let mut sampler = model.info().sampler(&params)?;
     if let Some(edit) = &p.edit {
         let start = crate::sampling::edit_start(params.steps, edit.strength).ok_or_else(|| {
             GenerationError::InvalidInput(crate::error::FieldError::invalid(

@@ -184,6 +184,8 @@ pub fn a1111_parameters(g: &GenerationInfo) -> String {
         crate::sampling::SamplerKind::Euler => "Euler",
         crate::sampling::SamplerKind::EulerAncestral => "Euler a",
         crate::sampling::SamplerKind::Lcm => "LCM",
+        crate::sampling::SamplerKind::FlowEuler => "Euler",
+        crate::sampling::SamplerKind::FlowSde => "Euler SDE",
     };
     let mut pairs: Vec<(&str, String)> = vec![
         ("Steps", g.steps.to_string()),

@@ -35,10 +35,11 @@ impl MockModel {
             default_size: (64, 64),
             fixed_size: false,
             inpainting: false,
-            defaults: SamplingDefaults::derive(&scheduler, false, 77),
+            defaults: SamplingDefaults::derive(&tiller::sampling::ScheduleConfig::Vp(scheduler.clone()), false, 77),
             scheduler: tiller::sampling::ScheduleConfig::Vp(scheduler),
             guidance_embedding: false,
             max_prompt_tokens: 77,
+            patch_size: 1,
         };
         Self { info, device: Device::Cpu, delay }
     }
