@@ -209,3 +209,47 @@ fn reward_errors_are_clear() {
     let e = fail(&["--steering", r#"{"method":"fk"}"#, "--reward", "brightness", "--eta", "0"]);
     assert!(e.contains("stochastic"), "{e}");
 }
+
+/// The flow model through the CLI: `--scheduler flow-sde` saves and replays its latents, and
+/// `--steering flowchef` steers it; a VP sampler on it is refused naming `--scheduler`.
+#[test]
+fn flow_model_samples_replays_and_steers_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/toy-flow").to_string_lossy().into_owned();
+    let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let (a_st, a_png, b_png, c_png) = (p("a.safetensors"), p("a.png"), p("b.png"), p("c.png"));
+    let common =
+        ["generate", "--model", &model, "--prompt", "x", "--scheduler", "flow-sde", "--steps", "8", "--seed", "5"];
+    let mut a = common.to_vec();
+    a.extend(["--device", "cpu", "--save-latents", &a_st, "-o", &a_png]);
+    run(&a);
+    let mut b = common.to_vec();
+    b.extend(["--device", "cpu", "--init-latents", &a_st, "-o", &b_png]);
+    run(&b);
+    assert_eq!(std::fs::read(&a_png).unwrap(), std::fs::read(&b_png).unwrap(), "flow-sde replays from its file");
+
+    let mut c = common.to_vec();
+    c.extend([
+        "--device",
+        "cpu",
+        "--steering",
+        r#"{"method":"flowchef","step_size":2.0}"#,
+        "--reward",
+        "brightness",
+        "-o",
+        &c_png,
+    ]);
+    let out = run(&c);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("done (flowchef)"), "{stderr}");
+    let (plain, steered) = (brightness(&std::fs::read(&a_png).unwrap()), brightness(&std::fs::read(&c_png).unwrap()));
+    assert!(steered > plain, "flowchef brightness {steered} vs plain {plain}");
+
+    let out = tiller()
+        .args(["generate", "--model", &model, "--prompt", "x", "--scheduler", "ddim", "--device", "cpu"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("flow-euler or flow-sde"), "{stderr}");
+}

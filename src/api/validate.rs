@@ -342,7 +342,8 @@ fn check_steering(
         if let Err(e) =
             crate::steering::check_plan(&spec, sampler.as_ref(), model.info.scheduler.family(), limits.max_reno_steps)
         {
-            let noise_field = if r.scheduler == SamplerKind::Ddim { "eta" } else { "scheduler" };
+            let noise_field =
+                if matches!(r.scheduler, SamplerKind::Ddim | SamplerKind::FlowSde) { "eta" } else { "scheduler" };
             let field = e.field(noise_field);
             let message = match e {
                 crate::steering::PlanError::NeedsNoise { .. } => {

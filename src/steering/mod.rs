@@ -207,7 +207,7 @@ pub enum PlanError {
 }
 
 impl PlanError {
-    /// The request field to blame; `noise_field` is `eta` for DDIM, else `scheduler`.
+    /// The request field to blame; `noise_field` is `eta` for DDIM and flow-sde, else `scheduler`.
     pub fn field(&self, noise_field: &str) -> String {
         match self {
             PlanError::NeedsNoise { .. } => noise_field.to_string(),
