@@ -30,7 +30,7 @@ fn refs(stem: &str) -> (HashMap<String, Tensor>, Value) {
     let dir = fixtures().join("refs");
     let tensors = candle_core::safetensors::load(dir.join(format!("{stem}.safetensors")), &Device::Cpu).unwrap();
     let json = std::fs::read_to_string(dir.join(format!("{stem}.json")))
-        .map(|s| serde_json::from_str(&s).unwrap())
+        .map(|s| serde_json::from_str(&tiller::util::json::from_python_json(&s)).unwrap())
         .unwrap_or(Value::Null);
     (tensors, json)
 }
@@ -135,6 +135,7 @@ fn sampler_kind(class: &str) -> SamplerKind {
         "EulerDiscreteScheduler" => SamplerKind::Euler,
         "EulerAncestralDiscreteScheduler" => SamplerKind::EulerAncestral,
         "LCMScheduler" => SamplerKind::Lcm,
+        "DPMSolverMultistepScheduler" => SamplerKind::DpmPp2m,
         other => panic!("no sampler for {other}"),
     }
 }
@@ -181,6 +182,7 @@ fn run_case(path: &Path) -> f64 {
         let names: Vec<Tensor> =
             json["noises"].as_array().unwrap().iter().map(|e| t[e["name"].as_str().unwrap()].clone()).collect();
         let mut replay = ReplayNoise::new(names);
+        let mut prev: Option<Tensor> = None;
         for i in 0..sampler.num_steps() {
             let x_in = sampler.scale_model_input(&x, i).unwrap();
             let out = cond.predict(&model, &x_in, sampler.timestep(i)).unwrap();
@@ -189,7 +191,9 @@ fn run_case(path: &Path) -> f64 {
             } else {
                 None
             };
-            x = sampler.step(&x, &out, i, z.as_ref()).unwrap();
+            let x0 = sampler.predict_x0(&x, &out, i).unwrap();
+            x = sampler.transition(&x, &x0, prev.as_ref(), i, z.as_ref()).unwrap();
+            prev = Some(x0);
             step_latents.push(x.clone());
         }
     }

@@ -86,7 +86,7 @@ fn predict_then_transition_equals_the_step() {
     for i in 0..6 {
         let a = s.step(&x, &v, i, None).unwrap();
         let x0 = s.predict_x0(&x, &v, i).unwrap();
-        let b = s.transition(&x, &x0, i, None).unwrap();
+        let b = s.transition(&x, &x0, None, i, None).unwrap();
         assert!(max_abs(&(&a - &b).unwrap()) < 1e-5, "step {i}");
         // x̂0 = x − σ·v
         let sigma = s.sigmas().unwrap()[i];

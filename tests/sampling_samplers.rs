@@ -158,9 +158,16 @@ fn validation_errors() {
     let mut bad = sd();
     bad.beta_schedule = "sigmoid".into();
     assert!(build_sampler(SamplerKind::Ddim, &bad, 10, 0.0).is_err());
+    // Karras σ are supported (tests/sampling_multistep.rs); exponential and beta σ are not.
     let mut karras = sd();
     karras.use_karras_sigmas = true;
-    assert!(build_sampler(SamplerKind::Euler, &karras, 10, 0.0).is_err());
+    assert!(build_sampler(SamplerKind::Euler, &karras, 10, 0.0).is_ok());
+    let mut exp = sd();
+    exp.use_exponential_sigmas = true;
+    for k in [SamplerKind::Euler, SamplerKind::DpmPp2m] {
+        let Err(e) = build_sampler(k, &exp, 10, 0.0) else { panic!("{k}: exponential sigmas accepted") };
+        assert!(e.to_string().contains("exponential"), "{e}");
+    }
 }
 
 /// DDIM with η = 1 is the DDPM posterior q(x_s | x_t, x̂0).
@@ -176,8 +183,8 @@ fn ddim_eta_one_is_ddpm_posterior() {
     for i in 0..9 {
         let (ts, tp) = (s.timestep(i) as usize, s.timestep(i + 1) as usize);
         let (at, as_) = (sched.abar(ts), sched.abar(tp));
-        let mean = s.transition(&x, &x0, i, Some(&zero)).unwrap();
-        let std = (&s.transition(&x, &x0, i, Some(&one)).unwrap() - &mean).unwrap();
+        let mean = s.transition(&x, &x0, None, i, Some(&zero)).unwrap();
+        let std = (&s.transition(&x, &x0, None, i, Some(&one)).unwrap() - &mean).unwrap();
         let c0 = as_.sqrt() * (1.0 - at / as_) / (1.0 - at);
         let ct = (at / as_).sqrt() * (1.0 - as_) / (1.0 - at);
         let want_mean = ((&x0 * c0).unwrap() + (&x * ct).unwrap()).unwrap();
@@ -238,7 +245,7 @@ fn one_step_samplers_return_x0() {
         let s = build_sampler(kind, cfg, 1, 0.0).unwrap();
         let x0 = s.predict_x0(&x, &out, 0).unwrap();
         let noise = if s.step_needs_noise(0) { Some(&z) } else { None };
-        let got = s.transition(&x, &x0, 0, noise).unwrap();
+        let got = s.transition(&x, &x0, None, 0, noise).unwrap();
         assert_eq!(vec(&got), vec(&x0), "{kind:?}");
     }
 }

@@ -59,7 +59,9 @@ fn timesteps_match_every_recorded_run() {
     runs.sort();
     for path in &runs {
         let ctx = path.file_name().unwrap().to_string_lossy().to_string();
-        let side: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let side: serde_json::Value =
+            serde_json::from_str(&tiller::util::json::from_python_json(&std::fs::read_to_string(path).unwrap()))
+                .unwrap();
         let st = candle_core::safetensors::load(path.with_extension("safetensors"), &Device::Cpu).unwrap();
         let class = side["scheduler"].as_str().unwrap();
         let kind = SchedulerConfig::kind_for_class(class).unwrap_or_else(|| panic!("{ctx}: class {class}"));

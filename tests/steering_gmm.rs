@@ -93,7 +93,8 @@ fn fk(k: usize, beta: f64, potential: Potential, every: usize) -> SteeringSpec {
 
 #[test]
 fn exact_denoiser_reproduces_the_mixture_with_every_sampler() {
-    // No steering: DDIM η=1 and η=0, DDPM and Euler all draw the base mode weights.
+    // No steering: DDIM η=1 and η=0, DDPM, Euler (Karras too) and DPM-Solver++ 2M (whose
+    // history runs through the strategy's loop) all draw the base mode weights.
     let m = model();
     let cfg = m.info().scheduler.vp().unwrap();
     for (kind, eta, steps) in [
@@ -102,6 +103,9 @@ fn exact_denoiser_reproduces_the_mixture_with_every_sampler() {
         (SamplerKind::Ddpm, 0.0, 100),
         (SamplerKind::Euler, 0.0, 50),
         (SamplerKind::EulerAncestral, 0.0, 50),
+        (SamplerKind::EulerKarras, 0.0, 30),
+        (SamplerKind::DpmPp2m, 0.0, 20),
+        (SamplerKind::DpmPp2mKarras, 0.0, 20),
     ] {
         let s = build_sampler(kind, cfg, steps, eta).unwrap();
         let o = steer(&m, s.as_ref(), &SteeringSpec::None, 3000, 1);
@@ -212,6 +216,35 @@ fn deterministic_samplers_are_rejected_for_fk_and_svdd() {
             other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
         }
     }
+}
+
+#[test]
+fn dpmpp_2m_is_the_same_through_the_pipeline_and_steering_and_refused_for_fk() {
+    let m = Arc::new(model());
+    let p = tiller::pipeline::GenerationParams {
+        prompt: "x".into(),
+        n: 3,
+        seed: 5,
+        steps: Some(8),
+        scheduler: Some(SamplerKind::DpmPp2mKarras),
+        ..Default::default()
+    };
+    let plain = tiller::pipeline::generate(m.as_ref(), &p, &mut |_| true).unwrap();
+    let steered =
+        tiller::steering::generate(m.as_ref(), &p, &tiller::steering::SteeringRequest::default(), &mut |_| true)
+            .unwrap();
+    let a: Vec<f32> = plain.latents.flatten_all().unwrap().to_vec1().unwrap();
+    let lat: Vec<Tensor> = steered.steered.images.iter().map(|i| i.latents.clone()).collect();
+    let b: Vec<f32> = Tensor::cat(&lat, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a, b);
+    let s = build_sampler(SamplerKind::DpmPp2m, m.info().scheduler.vp().unwrap(), 8, 0.0).unwrap();
+    let err = tiller::steering::check_plan(
+        &fk(4, 1.0, Potential::Diff, 2),
+        s.as_ref(),
+        tiller::sampling::ScheduleFamily::Vp,
+        4,
+    );
+    assert!(matches!(err, Err(tiller::steering::PlanError::NeedsNoise { .. })), "{err:?}");
 }
 
 #[test]

@@ -286,13 +286,16 @@ pub fn sample_latents(
     let mut x = (init * sampler.init_noise_sigma())?;
     let mut evals = 0;
     let total = sampler.num_steps();
+    let mut prev: Option<Tensor> = None;
     for i in 0..total {
         let t = sampler.timestep(i);
         let x_in = sampler.scale_model_input(&x, i)?;
         let out = cond.predict(model, &x_in, t)?;
         evals += x.dim(0)? * cond.evals_per_latent();
         let z = if sampler.step_needs_noise(i) { Some(noise.next(x.shape(), x.device())?) } else { None };
-        x = sampler.step(&x, &out, i, z.as_ref())?;
+        let x0 = sampler.predict_x0(&x, &out, i)?;
+        x = sampler.transition(&x, &x0, prev.as_ref(), i, z.as_ref())?;
+        prev = Some(x0);
         if !progress(Progress { step: i + 1, total, x0: None }) {
             return Err(GenerationError::Cancelled(Spent { step: i + 1, denoiser_evals: evals, reward_evals: 0 }));
         }

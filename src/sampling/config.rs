@@ -26,6 +26,8 @@ pub enum ScheduleFamily {
 }
 
 /// A model's noise schedule, by family: what its samplers are built from.
+// One per loaded model: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ScheduleConfig {
     /// Variance-preserving diffusion on betas, as diffusers' `scheduler_config.json` gives it.
@@ -50,7 +52,8 @@ impl ScheduleConfig {
     /// Parse a `scheduler_config.json` of either family, by its `_class_name`; `sigmas` is how
     /// the model's pipeline spaces flow sigmas (ignored for beta schedules).
     pub fn from_json(text: &str, sigmas: FlowSigmas) -> std::result::Result<Self, String> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let value: serde_json::Value =
+            serde_json::from_str(&crate::util::json::from_python_json(text)).map_err(|e| e.to_string())?;
         let class = value.get("_class_name").and_then(|c| c.as_str()).unwrap_or_default();
         if FLOW_CLASSES.contains(&class) {
             let config = FlowSchedulerConfig::from_json(text).map_err(|e| e.to_string())?;
@@ -111,7 +114,6 @@ impl ScheduleConfig {
 /// substitution; the betas, not the solver, define the model).
 const VP_CLASSES_SAMPLED_WITH_DDIM: &[&str] = &[
     "PNDMScheduler",
-    "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler",
     "DPMSolverSDEScheduler",
     "UniPCMultistepScheduler",
@@ -133,6 +135,16 @@ pub enum SamplerKind {
     Euler,
     EulerAncestral,
     Lcm,
+    /// Euler with Karras et al.'s σ schedule (A1111's "Euler Karras").
+    EulerKarras,
+    /// DPM-Solver++ 2M (diffusers' DPMSolverMultistepScheduler), σ as the config says.
+    #[serde(rename = "dpmpp-2m")]
+    #[value(name = "dpmpp-2m")]
+    DpmPp2m,
+    /// DPM-Solver++ 2M with Karras σ (A1111's "DPM++ 2M Karras").
+    #[serde(rename = "dpmpp-2m-karras")]
+    #[value(name = "dpmpp-2m-karras")]
+    DpmPp2mKarras,
     /// Flow matching: diffusers' FlowMatchEulerDiscreteScheduler.
     FlowEuler,
     /// Flow matching with noise (η): the DDIM-η step on the flow path.
@@ -148,6 +160,9 @@ impl SamplerKind {
             SamplerKind::Euler => "euler",
             SamplerKind::EulerAncestral => "euler-ancestral",
             SamplerKind::Lcm => "lcm",
+            SamplerKind::EulerKarras => "euler-karras",
+            SamplerKind::DpmPp2m => "dpmpp-2m",
+            SamplerKind::DpmPp2mKarras => "dpmpp-2m-karras",
             SamplerKind::FlowEuler => "flow-euler",
             SamplerKind::FlowSde => "flow-sde",
         }
@@ -234,6 +249,31 @@ pub struct SchedulerConfig {
     /// Euler timestep type; None = "discrete". Only "discrete" is supported.
     #[serde(default)]
     pub timestep_type: Option<String>,
+    /// Karras σ bounds (Euler); None = the schedule's own extremes.
+    #[serde(default)]
+    pub sigma_min: Option<f64>,
+    #[serde(default)]
+    pub sigma_max: Option<f64>,
+    /// DPM-Solver: None = "dpmsolver++", the only one supported.
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
+    /// DPM-Solver order; None = 2, the only one supported.
+    #[serde(default)]
+    pub solver_order: Option<usize>,
+    /// DPM-Solver's second-order rule; None = "midpoint", the only one supported.
+    #[serde(default)]
+    pub solver_type: Option<String>,
+    /// DPM-Solver: first-order last step when fewer than 15 steps; None = true.
+    #[serde(default)]
+    pub lower_order_final: Option<bool>,
+    /// DPM-Solver: first-order last step always; None = false.
+    #[serde(default)]
+    pub euler_at_final: Option<bool>,
+    /// DPM-Solver's λ clipping; only the default (none) is supported.
+    #[serde(default)]
+    pub lambda_min_clipped: Option<f64>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub use_lu_lambdas: bool,
     #[serde(default, deserialize_with = "null_as_default")]
     pub use_exponential_sigmas: bool,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -257,10 +297,11 @@ impl Default for SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// Parse `scheduler_config.json`. Keys the file lacks take the defaults of its `_class_name`
-    /// (the beta defaults differ for `LCMScheduler`: scaled_linear 0.00085 → 0.012).
+    /// Parse `scheduler_config.json` (as Python writes it: a bare `-Infinity` reads as the
+    /// default). Keys the file lacks take the defaults of its `_class_name` (the beta defaults
+    /// differ for `LCMScheduler`: scaled_linear 0.00085 → 0.012).
     pub fn from_json(text: &str) -> serde_json::Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text)?;
+        let value: serde_json::Value = serde_json::from_str(&crate::util::json::from_python_json(text))?;
         let mut cfg: SchedulerConfig = serde_json::from_value(value.clone())?;
         if cfg.class_name == "LCMScheduler" {
             let has = |k: &str| value.get(k).is_some_and(|v| !v.is_null());
@@ -326,9 +367,37 @@ impl SchedulerConfig {
     }
 
     /// The sampler a model with this config uses when a request names none: the class's own
-    /// sampler, or DDIM for the beta-schedule classes tiller does not implement.
+    /// sampler, or DDIM for the beta-schedule classes (and DPM-Solver variants) tiller does not
+    /// implement.
     pub fn default_sampler(&self) -> SamplerKind {
-        Self::kind_for_class(&self.class_name).unwrap_or(SamplerKind::Ddim)
+        match Self::kind_for_class(&self.class_name) {
+            Some(SamplerKind::DpmPp2m) if self.dpm_unsupported().is_some() => SamplerKind::Ddim,
+            Some(k) => k,
+            None => SamplerKind::Ddim,
+        }
+    }
+
+    /// Why this config's DPM-Solver variant is not DPM-Solver++ 2M (None when it is).
+    pub fn dpm_unsupported(&self) -> Option<String> {
+        if let Some(a) = self.algorithm_type.as_deref().filter(|a| *a != "dpmsolver++") {
+            return Some(format!("DPM-Solver algorithm_type `{a}` (only dpmsolver++)"));
+        }
+        if let Some(o) = self.solver_order.filter(|o| *o != 2) {
+            return Some(format!("DPM-Solver solver_order {o} (only 2)"));
+        }
+        if let Some(t) = self.solver_type.as_deref().filter(|t| *t != "midpoint") {
+            return Some(format!("DPM-Solver solver_type `{t}` (only midpoint)"));
+        }
+        if self.use_lu_lambdas {
+            return Some("use_lu_lambdas".into());
+        }
+        if self.lambda_min_clipped.is_some_and(|l| l.is_finite()) {
+            return Some("lambda_min_clipped".into());
+        }
+        if matches!(self.variance_type.as_deref(), Some("learned" | "learned_range")) {
+            return Some("a learned variance".into());
+        }
+        None
     }
 
     /// The sampler kind a diffusers class name maps to (None for classes tiller does not implement).
@@ -339,6 +408,7 @@ impl SchedulerConfig {
             "EulerDiscreteScheduler" => Some(SamplerKind::Euler),
             "EulerAncestralDiscreteScheduler" => Some(SamplerKind::EulerAncestral),
             "LCMScheduler" => Some(SamplerKind::Lcm),
+            "DPMSolverMultistepScheduler" => Some(SamplerKind::DpmPp2m),
             _ => None,
         }
     }

@@ -85,7 +85,14 @@ impl Sampler for Ddim {
         self.eta > 0.0
     }
 
-    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn transition(
+        &self,
+        x: &Tensor,
+        x0: &Tensor,
+        _prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (a, ap) = (self.abar[i], self.abar_prev[i]);
         let std = self.std_dev(i);
         let dir = (1.0 - ap - std * std).max(0.0).sqrt();

@@ -81,7 +81,14 @@ impl Sampler for Ddpm {
         self.timesteps[i] > 0
     }
 
-    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn transition(
+        &self,
+        x: &Tensor,
+        x0: &Tensor,
+        _prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (c_x0, c_x, std) = self.coefficients(i);
         let x0c = self.x0_processing.apply(x0)?;
         let mean = lincomb(&[(&x0c, c_x0), (x, c_x)])?;

@@ -93,7 +93,14 @@ impl Sampler for Euler {
         self.ancestral && self.ancestral_sigmas(i).0 > 0.0
     }
 
-    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn transition(
+        &self,
+        x: &Tensor,
+        x0: &Tensor,
+        _prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let s = self.sigmas[i];
         if !self.ancestral {
             // x + (x − x0)/σ·(σ' − σ) = x0 + (x − x0)·σ'/σ

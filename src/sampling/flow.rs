@@ -97,7 +97,7 @@ pub enum FlowSigmas {
 
 impl FlowSchedulerConfig {
     pub fn from_json(text: &str) -> serde_json::Result<Self> {
-        let mut cfg: Self = serde_json::from_str(text)?;
+        let mut cfg: Self = serde_json::from_str(&crate::util::json::from_python_json(text))?;
         if cfg.base_shift.is_nan() {
             cfg.base_shift = default_base_shift();
         }
@@ -261,7 +261,14 @@ impl Sampler for FlowEuler {
     fn injects_noise(&self, i: usize) -> bool {
         self.renoise && self.schedule.sigmas[i + 1] > 0.0
     }
-    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn transition(
+        &self,
+        x: &Tensor,
+        x0: &Tensor,
+        _prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if !self.renoise {
             return self.schedule.euler(x, x0, i);
         }
@@ -273,7 +280,7 @@ impl Sampler for FlowEuler {
     fn step(&self, x: &Tensor, model_output: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
         if self.renoise {
             let x0 = self.predict_x0(x, model_output, i)?;
-            return self.transition(x, &x0, i, noise);
+            return self.transition(x, &x0, None, i, noise);
         }
         let v = match_dtype(model_output, x)?;
         let dt = self.schedule.sigmas[i + 1] as f32 - self.schedule.sigmas[i] as f32;
@@ -336,7 +343,14 @@ impl Sampler for FlowSde {
     fn step_needs_noise(&self, i: usize) -> bool {
         self.noise_scale[i] > 0.0
     }
-    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn transition(
+        &self,
+        x: &Tensor,
+        x0: &Tensor,
+        _prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = self.noise_scale[i];
         if c == 0.0 {
             return self.schedule.euler(x, x0, i);

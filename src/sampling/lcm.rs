@@ -70,7 +70,14 @@ impl Sampler for Lcm {
         i + 1 < self.timesteps.len()
     }
 
-    fn transition(&self, _x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn transition(
+        &self,
+        _x: &Tensor,
+        x0: &Tensor,
+        _prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if !self.step_needs_noise(i) {
             return Ok(x0.clone());
         }

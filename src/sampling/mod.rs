@@ -7,6 +7,7 @@
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
+pub mod dpm;
 pub mod euler;
 pub mod flow;
 pub mod lcm;
@@ -17,6 +18,7 @@ pub mod vp;
 pub use config::{PredictionType, SamplerKind, ScheduleConfig, ScheduleFamily, SchedulerConfig, TimestepSpacing};
 pub use ddim::Ddim;
 pub use ddpm::{Ddpm, DdpmVariance};
+pub use dpm::DpmSolverPP2M;
 pub use euler::Euler;
 pub use flow::{FlowEuler, FlowSchedulerConfig, FlowSde, FlowSigmas};
 pub use lcm::Lcm;
@@ -60,12 +62,30 @@ pub trait Sampler: Send + Sync {
 
     /// The transition x_t -> x_{t-1} given the predicted x0 and an explicit standard-normal
     /// `noise` tensor shaped like `x` (ignored when `step_needs_noise(i)` is false).
-    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor>;
+    ///
+    /// `prev_x0` is the x̂0 each row had at step `i − 1` (`None` at a run's first step): what a
+    /// multistep sampler (DPM-Solver++ 2M) extrapolates from. Strategies carry it with their
+    /// rows, gathering it when they resample. Single-step samplers ignore it.
+    fn transition(
+        &self,
+        x: &Tensor,
+        x0: &Tensor,
+        prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor>;
 
-    /// Full step from the raw model output: `transition(x, predict_x0(x, out, i), i, noise)`.
+    /// Whether `transition` reads `prev_x0`.
+    fn is_multistep(&self) -> bool {
+        false
+    }
+
+    /// Full step of a single-step sampler from the raw model output:
+    /// `transition(x, predict_x0(x, out, i), None, i, noise)`. Multistep samplers refuse the
+    /// steps that need history; loops use `predict_x0` and `transition` for them.
     fn step(&self, x: &Tensor, model_output: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
         let x0 = self.predict_x0(x, model_output, i)?;
-        self.transition(x, &x0, i, noise)
+        self.transition(x, &x0, None, i, noise)
     }
 
     /// Whether step `i` actually adds noise to the state. Usually `step_needs_noise`, but a
@@ -128,8 +148,18 @@ impl Sampler for FromStep {
     fn step_needs_noise(&self, i: usize) -> bool {
         self.inner.step_needs_noise(self.start + i)
     }
-    fn transition(&self, x: &Tensor, x0: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
-        self.inner.transition(x, x0, self.start + i, noise)
+    fn transition(
+        &self,
+        x: &Tensor,
+        x0: &Tensor,
+        prev_x0: Option<&Tensor>,
+        i: usize,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.inner.transition(x, x0, prev_x0, self.start + i, noise)
+    }
+    fn is_multistep(&self) -> bool {
+        self.inner.is_multistep()
     }
     fn step(&self, x: &Tensor, model_output: &Tensor, i: usize, noise: Option<&Tensor>) -> Result<Tensor> {
         self.inner.step(x, model_output, self.start + i, noise)
@@ -154,7 +184,8 @@ pub fn edit_start(steps: usize, strength: f64) -> Option<usize> {
 pub fn default_spacing(kind: SamplerKind) -> TimestepSpacing {
     match kind {
         SamplerKind::Ddim | SamplerKind::Ddpm | SamplerKind::Lcm => TimestepSpacing::Leading,
-        SamplerKind::Euler | SamplerKind::EulerAncestral => TimestepSpacing::Linspace,
+        SamplerKind::Euler | SamplerKind::EulerAncestral | SamplerKind::EulerKarras => TimestepSpacing::Linspace,
+        SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras => TimestepSpacing::Linspace,
         // Flow samplers space sigmas, not betas; the value is never read for them.
         SamplerKind::FlowEuler | SamplerKind::FlowSde => TimestepSpacing::Linspace,
     }
@@ -191,9 +222,10 @@ pub fn check_params(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta:
         return Err(TillerError::field("eta", format!("must be in [0, 1], got {eta}")));
     }
     let unsupported = |what: String| Err(TillerError::field("scheduler", format!("{what} is not supported")));
-    if matches!(kind, SamplerKind::Euler) {
-        if cfg.use_karras_sigmas || cfg.use_exponential_sigmas || cfg.use_beta_sigmas {
-            return unsupported("Karras/exponential/beta sigmas".into());
+    if matches!(kind, SamplerKind::Euler | SamplerKind::EulerKarras | SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras)
+    {
+        if cfg.use_exponential_sigmas || cfg.use_beta_sigmas {
+            return unsupported("exponential/beta sigmas".into());
         }
         if let Some(t) = cfg.interpolation_type.as_deref().filter(|t| *t != "linear") {
             return unsupported(format!("interpolation_type `{t}`"));
@@ -207,6 +239,11 @@ pub fn check_params(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta:
     }
     if kind == SamplerKind::Ddpm {
         ddpm_variance(cfg).map_err(|m| TillerError::field("scheduler", m))?;
+    }
+    if matches!(kind, SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras) {
+        if let Some(what) = cfg.dpm_unsupported() {
+            return unsupported(what);
+        }
     }
     Ok(())
 }
@@ -267,8 +304,8 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta
             let var = ddpm_variance(cfg).map_err(candle_core::Error::Msg)?;
             Box::new(Ddpm::new(&schedule, ts, var, pred, x0_processing(kind, cfg)))
         }
-        SamplerKind::Euler | SamplerKind::EulerAncestral => {
-            let ts = schedule::float_timesteps(spacing, n_train, steps, cfg.steps_offset);
+        SamplerKind::Euler | SamplerKind::EulerAncestral | SamplerKind::EulerKarras => {
+            let mut ts = schedule::float_timesteps(spacing, n_train, steps, cfg.steps_offset);
             if ts.len() != steps {
                 candle_core::bail!("{spacing:?} spacing gives {} timesteps for {steps} steps", ts.len());
             }
@@ -279,9 +316,53 @@ pub fn build_sampler(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, eta
                 *full.last_mut().unwrap() = ((1.0 - a) / a).sqrt();
             }
             let mut sigmas: Vec<f64> = ts.iter().map(|&t| schedule::np_interp_index(t, &full) as f32 as f64).collect();
+            if kind == SamplerKind::EulerKarras || cfg.use_karras_sigmas {
+                // Between the config's bounds or the step schedule's own extremes; timesteps back
+                // from σ through the training table.
+                let lo = cfg.sigma_min.unwrap_or(sigmas[steps - 1]);
+                let hi = cfg.sigma_max.unwrap_or(sigmas[0]);
+                sigmas = schedule::karras_sigmas(lo, hi, steps).into_iter().map(|s| s as f32 as f64).collect();
+                ts = sigmas.iter().map(|&s| schedule::sigma_to_t(s, &full) as f32 as f64).collect();
+            }
             sigmas.push(0.0);
             let leading = spacing == TimestepSpacing::Leading;
             Box::new(Euler::new(ts, sigmas, leading, kind == SamplerKind::EulerAncestral, pred))
+        }
+        SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras => {
+            let full = schedule.sigmas_f32();
+            let (ts, mut sigmas): (Vec<f64>, Vec<f64>) = if kind == SamplerKind::DpmPp2mKarras || cfg.use_karras_sigmas
+            {
+                // Between the training table's extremes; timesteps rounded to integers
+                // (except on the cosine schedule), as DPMSolverMultistepScheduler does.
+                let k = schedule::karras_sigmas(full[0] as f64, full[n_train - 1] as f64, steps);
+                let cosine = cfg.beta_schedule == "squaredcos_cap_v2";
+                let ts = k
+                    .iter()
+                    .map(|&s| {
+                        let t = schedule::sigma_to_t(s, &full);
+                        if cosine {
+                            t
+                        } else {
+                            t.round_ties_even()
+                        }
+                    })
+                    .collect();
+                (ts, k.into_iter().map(|s| s as f32 as f64).collect())
+            } else {
+                let ts = schedule::dpm_timesteps(spacing, n_train, steps, cfg.steps_offset);
+                let ts = to_usize_timesteps(ts, n_train)?;
+                let sig = ts.iter().map(|&t| full[t] as f64).collect();
+                (ts.into_iter().map(|t| t as f64).collect(), sig)
+            };
+            if ts.iter().any(|&t| !(0.0..n_train as f64).contains(&t)) {
+                candle_core::bail!("DPM-Solver timesteps {ts:?} leave [0, {n_train})");
+            }
+            sigmas.push(0.0);
+            let lower_final = cfg.euler_at_final.unwrap_or(false)
+                || (cfg.lower_order_final.unwrap_or(true) && steps < 15)
+                || cfg.final_sigmas_type.as_deref().unwrap_or("zero") == "zero";
+            let x0p = if cfg.thresholding { x0_processing(kind, cfg) } else { vp::X0Processing::None };
+            Box::new(DpmSolverPP2M::new(ts, sigmas, lower_final, pred, x0p))
         }
         SamplerKind::Lcm => {
             let orig = lcm_original_steps(cfg);

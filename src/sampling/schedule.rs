@@ -196,6 +196,27 @@ pub fn float_timesteps(spacing: TimestepSpacing, num_train: usize, steps: usize,
     }
 }
 
+/// Integer timesteps of `DPMSolverMultistepScheduler.set_timesteps`: linspace and leading space
+/// `steps + 1` points and drop the last (0); trailing as for DDIM.
+pub fn dpm_timesteps(spacing: TimestepSpacing, num_train: usize, steps: usize, steps_offset: usize) -> Vec<i64> {
+    match spacing {
+        TimestepSpacing::Linspace => np_linspace(0.0, (num_train - 1) as f64, steps + 1)
+            .into_iter()
+            .rev()
+            .take(steps)
+            .map(|t| np_round(t) as i64)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (num_train / (steps + 1)) as i64;
+            (1..=steps as i64).rev().map(|i| i * ratio + steps_offset as i64).collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = num_train as f64 / steps as f64;
+            np_arange(num_train as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) as i64 - 1).collect()
+        }
+    }
+}
+
 /// `np.interp(x, arange(len(fp)), fp)` (clamped at both ends).
 pub fn np_interp_index(x: f64, fp: &[f32]) -> f64 {
     let n = fp.len();
@@ -211,6 +232,25 @@ pub fn np_interp_index(x: f64, fp: &[f32]) -> f64 {
         return lo;
     }
     (hi - lo) * (x - j as f64) + lo
+}
+
+/// Karras et al. (2022) σ schedule: `steps` values from σ_max to σ_min evenly spaced in σ^(1/ρ),
+/// ρ = 7, in f64 (diffusers' `_convert_to_karras`).
+pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let (lo, hi) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    np_linspace(0.0, 1.0, steps).into_iter().map(|r| (hi + r * (lo - hi)).powf(rho)).collect()
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep whose σ is `sigma`, interpolating
+/// linearly in log σ over the (ascending, float32) training σ table.
+pub fn sigma_to_t(sigma: f64, sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let logs: Vec<f64> = sigmas.iter().map(|s| s.ln() as f64).collect();
+    let below = logs.iter().take_while(|&&l| log_sigma - l >= 0.0).count();
+    let low = below.saturating_sub(1).min(logs.len() - 2);
+    let w = ((logs[low] - log_sigma) / (logs[low] - logs[low + 1])).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
 }
 
 /// LCM timesteps: `[k·j − 1 for j in 1..=original]` reversed, taken at

@@ -31,14 +31,16 @@ pub fn run(
     let (unit, mut x) = r.initial(n)?;
     let sampler = ctx.sampler;
     let total = sampler.num_steps();
+    let mut prev: Option<candle_core::Tensor> = None;
     for i in 0..total {
         let out = r.predict(&cond, &x, i)?;
         // `Sampler::step` is exactly `transition(predict_x0)`; spelled out so that the step's x̂0
         // is also the progress preview, at no extra cost.
         let x0 = sampler.predict_x0(&x, &out, i)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(n)?) } else { None };
-        x = r.blend(&sampler.transition(&x, &x0, i, z.as_ref())?, i)?;
+        x = r.blend(&sampler.transition(&x, &x0, prev.as_ref(), i, z.as_ref())?, i)?;
         r.tick(progress, i + 1, total, Some(&x0))?;
+        prev = Some(x0);
     }
     let decoded_all = r.decode(&x)?;
     let rewards = r.score_images(&decoded_all)?;

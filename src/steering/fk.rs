@@ -248,6 +248,8 @@ pub fn run(
     let mut wts = Weights::new(spec.potential, spec.beta, groups * k);
     let schedule = spec.resample.steps(total, |i| sampler.injects_noise(i));
     let mut traces: Vec<Vec<TraceEvent>> = vec![Vec::new(); groups];
+    // Each particle's x̂0 of the previous step (multistep samplers), resampled with it.
+    let mut prev: Option<candle_core::Tensor> = None;
 
     for i in 0..total {
         let out = r.predict(&cond, &x, i)?;
@@ -282,13 +284,15 @@ pub fn run(
                 let idx = global_indices(&ancestors, k);
                 x = gather(&x, &idx)?;
                 x0 = gather(&x0, &idx)?;
+                prev = prev.map(|p| gather(&p, &idx)).transpose()?;
                 // Particles that were not resampled keep their weights; resampled groups start at 0.
                 wts.gather(&idx);
             }
         }
         let z = if sampler.step_needs_noise(i) { Some(r.noise(k)?) } else { None };
-        x = r.blend(&sampler.transition(&x, &x0, i, z.as_ref())?, i)?;
+        x = r.blend(&sampler.transition(&x, &x0, prev.as_ref(), i, z.as_ref())?, i)?;
         r.tick(progress, i + 1, total, Some(&x0))?;
+        prev = Some(x0);
     }
 
     // Terminal weights on the actual samples.

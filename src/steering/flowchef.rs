@@ -89,6 +89,7 @@ pub fn run(
     let total = sampler.num_steps();
     let steered = spec.max_steps.unwrap_or(total).min(total);
     let mut traces: Vec<Vec<TraceEvent>> = vec![Vec::new(); groups];
+    let mut prev: Option<Tensor> = None;
     for i in 0..total {
         let out = r.predict(&cond, &x, i)?.detach();
         if i < steered && spec.step_size > 0.0 {
@@ -117,8 +118,9 @@ pub fn run(
         // The step from the moved state with the velocity computed before the moves.
         let x0 = sampler.predict_x0(&x, &out, i)?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(1)?) } else { None };
-        x = r.blend(&sampler.transition(&x, &x0, i, z.as_ref())?, i)?;
+        x = r.blend(&sampler.transition(&x, &x0, prev.as_ref(), i, z.as_ref())?, i)?;
         r.tick(progress, i + 1, total, Some(&x0))?;
+        prev = Some(x0);
     }
     let decoded = r.decode(&x)?;
     let rewards = r.score_images(&decoded)?.expect("a reward is set");

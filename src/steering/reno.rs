@@ -144,10 +144,13 @@ impl Generator<'_, '_, '_> {
     fn latents(&mut self, eps: &Tensor) -> candle_core::Result<Tensor> {
         let sampler = self.runner.ctx.sampler;
         let mut x = self.runner.start_state(eps)?;
+        let mut prev: Option<Tensor> = None;
         for i in 0..sampler.num_steps() {
             let out = self.runner.predict(&self.cond, &x, i)?;
-            x = sampler.step(&x, &out, i, self.step_noise[i].as_ref())?;
+            let x0 = sampler.predict_x0(&x, &out, i)?;
+            x = sampler.transition(&x, &x0, prev.as_ref(), i, self.step_noise[i].as_ref())?;
             x = self.runner.blend_noise(&x, i, eps)?;
+            prev = Some(x0);
         }
         Ok(x)
     }

@@ -90,6 +90,8 @@ pub fn run(
     let (_, mut x) = r.initial(1)?;
     let repeat: Vec<u32> = (0..groups).flat_map(|g| std::iter::repeat_n(g as u32, m)).collect();
     let mut cached: Option<candle_core::Tensor> = None;
+    // The chosen rows' x̂0 of the previous step (multistep samplers).
+    let mut prev: Option<candle_core::Tensor> = None;
 
     for i in 0..total {
         let out = match cached.take() {
@@ -99,20 +101,22 @@ pub fn run(
         let x0 = sampler.predict_x0(&x, &out, i)?;
         if i + 1 == total {
             let z = if sampler.step_needs_noise(i) { Some(r.noise(1)?) } else { None };
-            x = r.blend(&sampler.transition(&x, &x0, i, z.as_ref())?, i)?;
+            x = r.blend(&sampler.transition(&x, &x0, prev.as_ref(), i, z.as_ref())?, i)?;
             r.tick(progress, i + 1, total, Some(&x0))?;
             break;
         }
         let xs = gather(&x, &repeat)?;
         let x0s = gather(&x0, &repeat)?;
+        let prevs = prev.as_ref().map(|p| gather(p, &repeat)).transpose()?;
         let z = if sampler.step_needs_noise(i) { Some(r.noise(m)?) } else { None };
-        let cands = r.blend(&sampler.transition(&xs, &x0s, i, z.as_ref())?, i)?;
+        let cands = r.blend(&sampler.transition(&xs, &x0s, prevs.as_ref(), i, z.as_ref())?, i)?;
         let out_c = r.predict(&cond_cands, &cands, i + 1)?;
         let x0_c = sampler.predict_x0(&cands, &out_c, i + 1)?;
         let values = r.score(&x0_c)?;
         let rows = select(&mut r, spec, &values, i, &mut traces);
         x = gather(&cands, &rows)?;
         cached = Some(gather(&out_c, &rows)?);
+        prev = Some(gather(&x0s, &rows)?);
         // The preview is the first image's chosen x̂0: a view, not a gather of every group.
         r.tick(progress, i + 1, total, Some(&x0_c.narrow(0, rows[0] as usize, 1)?))?;
     }
@@ -136,7 +140,7 @@ fn one_step(
     let rows = select(&mut r, spec, &values, 0, &mut traces);
     let (x, x0) = (gather(&xs, &rows)?, gather(&x0s, &rows)?);
     let z = if sampler.step_needs_noise(0) { Some(r.noise(1)?) } else { None };
-    let x = r.blend(&sampler.transition(&x, &x0, 0, z.as_ref())?, 0)?;
+    let x = r.blend(&sampler.transition(&x, &x0, None, 0, z.as_ref())?, 0)?;
     r.tick(progress, 1, 1, Some(&x0.narrow(0, 0, 1)?))?;
     finish(r, x, traces, cond.truncated)
 }

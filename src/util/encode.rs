@@ -184,6 +184,9 @@ pub fn a1111_parameters(g: &GenerationInfo) -> String {
         crate::sampling::SamplerKind::Euler => "Euler",
         crate::sampling::SamplerKind::EulerAncestral => "Euler a",
         crate::sampling::SamplerKind::Lcm => "LCM",
+        crate::sampling::SamplerKind::EulerKarras => "Euler Karras",
+        crate::sampling::SamplerKind::DpmPp2m => "DPM++ 2M",
+        crate::sampling::SamplerKind::DpmPp2mKarras => "DPM++ 2M Karras",
         crate::sampling::SamplerKind::FlowEuler => "Euler",
         crate::sampling::SamplerKind::FlowSde => "Euler SDE",
     };

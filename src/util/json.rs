@@ -96,6 +96,45 @@ fn path_string(path: &serde_path_to_error::Path) -> String {
     out
 }
 
+/// JSON as Python's `json.dumps` writes it: the bare `NaN`, `Infinity` and `-Infinity` it
+/// allows (diffusers writes `"lambda_min_clipped": -Infinity` into DPM-Solver scheduler configs)
+/// become `null`, which config fields read as their default. Strings are left alone.
+pub fn from_python_json(text: &str) -> std::borrow::Cow<'_, str> {
+    if !(text.contains("NaN") || text.contains("Infinity")) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut in_string = false;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            let len = c.len_utf8();
+            out.push(c);
+            if c == '\\' {
+                if let Some(n) = rest[len..].chars().next() {
+                    out.push(n);
+                    rest = &rest[len + n.len_utf8()..];
+                    continue;
+                }
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[len..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].iter().find(|t| rest.starts_with(**t)) {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Parse `bytes` as the JSON object `T`, naming the field at fault. The document is read as a
 /// `Value` first: that separates syntax errors from data errors (serde_json reports some type
 /// errors, a number where an enum's string belongs, as syntax errors when reading bytes), and
@@ -173,6 +212,17 @@ pub fn error_at<E: serde::de::Error>(field: &str, message: impl std::fmt::Displa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_json_non_finite_numbers_become_null() {
+        let text = r#"{"a": -Infinity, "b": [NaN, Infinity], "c": "NaN -Infinity \"x\"", "d": 1.5}"#;
+        let v: Value = serde_json::from_str(&from_python_json(text)).unwrap();
+        assert_eq!(v["a"], Value::Null);
+        assert_eq!(v["b"], serde_json::json!([null, null]));
+        assert_eq!(v["c"], "NaN -Infinity \"x\"");
+        assert_eq!(v["d"], 1.5);
+        assert!(matches!(from_python_json("{}"), std::borrow::Cow::Borrowed(_)));
+    }
     use serde::Deserialize;
 
     #[derive(Debug, Deserialize)]
