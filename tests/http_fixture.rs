@@ -80,3 +80,35 @@ async fn fixture_models_generate_over_http() {
     let (st, e) = s.generate(json!({"prompt": "x", "model": "lcm-tiny", "steps": 60})).await;
     assert_error(st, &e, 400, Some("steps"));
 }
+
+/// The tiny SDXL pipeline over HTTP: listed as SDXL with its pipeline's guidance default, CFG
+/// rows batched with their pooled embeddings and size ids, DPM-Solver++ 2M Karras, and no
+/// negative prompt meaning zero embeddings (not the encoding of ""), as diffusers does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_fixture_generates_over_http() {
+    let s = fixture_server(&["sd15-tiny", "sdxl-tiny"]).await;
+    let models: serde_json::Value = s.get("/v1/models").await.json().await.unwrap();
+    let xl = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "sdxl-tiny").unwrap();
+    assert_eq!(xl["tiller"]["family"], "stable-diffusion-xl");
+    assert_eq!(xl["tiller"]["scheduler"], "euler");
+
+    let base = json!({"prompt": "a red circle", "model": "sdxl-tiny", "steps": 3, "seed": 4, "n": 2});
+    let (st, a) = s.generate(base.clone()).await;
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["data"][0]["tiller"]["guidance_scale"], 5.0);
+    assert_eq!(a["data"][0]["tiller"]["denoiser_evals"], 12, "3 steps × 2 images × CFG");
+    let (_, again) = s.generate(base.clone()).await;
+    assert_eq!(a["data"][1]["b64_json"], again["data"][1]["b64_json"]);
+    let mut empty = base.clone();
+    empty["negative_prompt"] = json!("");
+    let (st, b) = s.generate(empty).await;
+    assert_eq!(st, 200, "{b}");
+    assert_ne!(a["data"][0]["b64_json"], b["data"][0]["b64_json"], "zeros vs the encoding of \"\"");
+    let mut dpm = base.clone();
+    dpm["scheduler"] = json!("dpmpp-2m-karras");
+    let (st, d) = s.generate(dpm).await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["data"][0]["tiller"]["scheduler"], "dpmpp-2m-karras");
+    let (w, h, _) = decode_png(d["data"][0]["b64_json"].as_str().unwrap());
+    assert_eq!((w, h), (16, 16), "the UNet's sample_size × the VAE's factor");
+}

@@ -41,7 +41,7 @@ fn load_err(dir: &Path) -> String {
 fn every_fixture_layout_loads_and_is_discovered() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let found: Vec<String> = discover_models(&root).unwrap().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(found, ["lcm-tiny", "sd15-inpaint-tiny", "sd15-tiny", "sd2-tiny", "turbo-tiny"]);
+    assert_eq!(found, ["lcm-tiny", "sd15-inpaint-tiny", "sd15-tiny", "sd2-tiny", "sdxl-tiny", "turbo-tiny"]);
     for name in &found {
         let m = load_model(name, &root.join(name), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(m.info().latent_channels, 4);
@@ -50,6 +50,7 @@ fn every_fixture_layout_loads_and_is_discovered() {
         assert_eq!(m.info().guidance_embedding, name == "lcm-tiny");
         // The 9-channel UNet of the inpainting pipeline.
         assert_eq!(m.info().inpainting, name == "sd15-inpaint-tiny");
+        assert_eq!(m.info().zero_empty_negative, name == "sdxl-tiny");
     }
 }
 
@@ -149,7 +150,11 @@ fn broken_directories_name_the_file_and_the_problem() {
     idx["_class_name"] = serde_json::json!("StableDiffusionXLPipeline");
     std::fs::write(&idx_path, idx.to_string()).unwrap();
     let err = load_err(&sdxl);
-    assert!(err.contains("StableDiffusionXLPipeline") && err.contains("not supported"), "{err}");
+    assert!(err.contains("text_encoder_2"), "an SDXL pipeline without its second encoder: {err}");
+    idx["_class_name"] = serde_json::json!("FluxPipeline");
+    std::fs::write(&idx_path, idx.to_string()).unwrap();
+    let err = load_err(&sdxl);
+    assert!(err.contains("FluxPipeline") && err.contains("not supported"), "{err}");
 }
 
 #[test]

@@ -245,3 +245,35 @@ fn composed_ops_match_diffusers_too() {
     assert_close("sd2-tiny unet, composed ops", &out.unwrap(), &t["out_t751"]);
     assert_close("sd2-tiny vae decode, composed ops", &decoded.unwrap(), &v["decoded"]);
 }
+
+/// SDXL (`sdxl-tiny`, made by `scripts/fixtures/make_sdxl_fixtures.py`): both tokenizers, the
+/// joined penultimate states of the two encoders and the projected pooled embedding
+/// (`encode_prompt`), and one UNet call with the `text_time` conditioning at size/crop ids that
+/// differ from the image's (the full runs are in `every_sampler_run_matches_diffusers`).
+#[test]
+fn sdxl_text_encoders_and_unet_match_diffusers() {
+    let model = load_model("sdxl-tiny", None);
+    assert_eq!(model.info().family, "stable-diffusion-xl");
+    assert!(model.info().zero_empty_negative, "force_zeros_for_empty_prompt");
+    assert_eq!(model.info().defaults.guidance_scale, 5.0);
+    let (t, json) = refs("text_sdxl-tiny");
+    let prompts: Vec<String> =
+        json["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    let (ids, _) = model.tokenize(&prompts).unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), t["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap());
+    let emb = model.encode_prompts(&prompts).unwrap();
+    assert_eq!(emb.truncated, vec![2], "the long prompt is cut by both tokenizers");
+    assert_close("sdxl prompt_embeds", &emb.hidden_states, &t["prompt_embeds"]);
+    assert_close("sdxl pooled_prompt_embeds", emb.pooled.as_ref().unwrap(), &t["pooled_prompt_embeds"]);
+
+    let (u, _) = refs("unet_sdxl-tiny");
+    let added =
+        tiller::models::unet_2d::AddedCond { text_embeds: u["text_embeds"].clone(), time_ids: u["time_ids"].clone() };
+    let out = model
+        .unet()
+        .forward_with(&u["sample"], &at(751.0, &u["sample"]), &u["encoder_hidden_states"], None, Some(&added))
+        .unwrap();
+    assert_close("sdxl unet t751 (text_time)", &out, &u["out_t751"]);
+    // Without the added conditioning the UNet refuses instead of guessing.
+    assert!(model.unet().forward(&u["sample"], &at(751.0, &u["sample"]), &u["encoder_hidden_states"], None).is_err());
+}

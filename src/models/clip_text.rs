@@ -168,6 +168,24 @@ impl ClipTextModel {
     /// Encode (B, L) token ids. `clip_skip = k` returns `final_layer_norm` of the hidden state
     /// k layers before the last (diffusers' convention); 0 = last layer.
     pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<ClipTextOutput> {
+        let keep = self.layers.len().saturating_sub(clip_skip);
+        self.encode(ids, keep, clip_skip > 0)
+    }
+
+    /// Encode for SDXL pipelines: the hidden states are transformers' `hidden_states[-(k + 2)]`,
+    /// the raw output of the layer before the last (`clip_skip = k` more layers before it), with
+    /// no final layer norm.
+    pub fn forward_penultimate(&self, ids: &Tensor, clip_skip: usize) -> Result<ClipTextOutput> {
+        let keep = self.layers.len().saturating_sub(clip_skip + 1);
+        if keep == 0 {
+            candle_core::bail!("clip_skip {clip_skip} leaves no layer of {}", self.layers.len());
+        }
+        self.encode(ids, keep, false)
+    }
+
+    /// Run the layers; the hidden states are the output of the first `keep` layers (normed by
+    /// `final_layer_norm` when `norm_kept`, or when they are the last layer's).
+    fn encode(&self, ids: &Tensor, keep: usize, norm_kept: bool) -> Result<ClipTextOutput> {
         let (b, l) = ids.dims2()?;
         if l > self.config.max_position_embeddings {
             candle_core::bail!("{l} tokens exceed max_position_embeddings {}", self.config.max_position_embeddings);
@@ -177,16 +195,21 @@ impl ClipTextModel {
         let pos = self.position_embedding.narrow(0, 0, l)?;
         let mut x = tok.broadcast_add(&pos)?;
         let mask = causal_mask(l, dtype, ids.device())?;
-        let keep = self.layers.len().saturating_sub(clip_skip);
-        let mut last = x.clone();
+        let mut kept = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, Some(&mask))?;
             if i + 1 == keep {
-                last = x.clone();
+                kept = x.clone();
             }
         }
         let hidden_full = self.final_layer_norm.forward(&x)?;
-        let hidden_states = if clip_skip == 0 { hidden_full.clone() } else { self.final_layer_norm.forward(&last)? };
+        let hidden_states = if keep >= self.layers.len() {
+            hidden_full.clone()
+        } else if norm_kept {
+            self.final_layer_norm.forward(&kept)?
+        } else {
+            kept
+        };
         // Pooled output at the first end-of-text token.
         let ids_v: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
         let rows = ids_v

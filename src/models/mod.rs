@@ -51,6 +51,9 @@ pub struct ModelInfo {
     pub guidance_embedding: bool,
     /// Maximum prompt length in tokens (including start/end tokens); 0 when prompts are ignored.
     pub max_prompt_tokens: usize,
+    /// Classifier-free guidance without a negative prompt uses zero embeddings for the
+    /// unconditional branch (SDXL's `force_zeros_for_empty_prompt`).
+    pub zero_empty_negative: bool,
     /// Latent pixels per network token along each side (2 for transformers that pack 2×2
     /// patches, 1 otherwise): flow schedules shift by the image's token count.
     pub patch_size: usize,

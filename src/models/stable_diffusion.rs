@@ -1,6 +1,7 @@
 //! A Stable Diffusion pipeline directory (diffusers layout): CLIP tokenizer + text encoder,
-//! UNet, VAE and scheduler config. Covers SD 1.x, SD 2.x (v-prediction), SD-Turbo and
-//! LCM-distilled UNets.
+//! UNet, VAE and scheduler config. Covers SD 1.x, SD 2.x (v-prediction), SD-Turbo,
+//! LCM-distilled UNets and SDXL (a second tokenizer and text encoder with projection, and the
+//! UNet's `text_time` conditioning).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,9 @@ use crate::sampling::SchedulerConfig;
 struct ModelIndex {
     #[serde(rename = "_class_name", default)]
     class_name: String,
+    /// SDXL: classifier-free guidance without a negative prompt uses zero embeddings.
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
 }
 
 /// Pipelines whose components this loader understands.
@@ -33,7 +37,15 @@ const SUPPORTED_PIPELINES: &[&str] = &[
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "AltDiffusionPipeline",
+    "StableDiffusionXLPipeline",
 ];
+
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`) and its tokenizer.
+#[derive(Clone)]
+struct SecondEncoder {
+    tokenizer: Arc<ClipTokenizer>,
+    encoder: ClipTextModel,
+}
 
 /// Options for loading a Stable Diffusion directory.
 #[derive(Debug, Clone)]
@@ -59,6 +71,9 @@ pub struct StableDiffusion {
     te_weights: Arc<HashMap<String, Tensor>>,
     unet_cfg: UNet2DConfig,
     te_cfg: ClipTextConfig,
+    /// SDXL: the second encoder, whose penultimate states are joined to the first's and whose
+    /// projected pooled output conditions the UNet.
+    second: Option<SecondEncoder>,
     targets: Arc<TargetIndex>,
     dtype: DType,
     device: Device,
@@ -116,6 +131,44 @@ impl StableDiffusion {
             ),
         };
         let text_encoder = in_component(&te_dir, ClipTextModel::load(te_w.var_builder(), &te_cfg))?;
+        let xl = index.class_name.starts_with("StableDiffusionXL");
+        let second = if xl {
+            let dir2 = component_dir(dir, "text_encoder_2")?;
+            let cfg2: ClipTextConfig = read_config(&dir2.join("config.json"))?;
+            if !cfg2.with_projection() {
+                return Err(TillerError::file(
+                    dir2.join("config.json"),
+                    "SDXL's text_encoder_2 is a CLIPTextModelWithProjection",
+                ));
+            }
+            let w2 = load_component(&dir2, "model", variant, dtype, device)?;
+            Some(SecondEncoder {
+                tokenizer: Arc::new(ClipTokenizer::from_dir(&component_dir(dir, "tokenizer_2")?)?),
+                encoder: in_component(&dir2, ClipTextModel::load(w2.var_builder(), &cfg2))?,
+            })
+        } else {
+            None
+        };
+        if unet_cfg.addition_embed_type.as_deref() == Some("text_time") {
+            let Some(s) = &second else {
+                return Err(TillerError::file(
+                    unet_dir.join("config.json"),
+                    "a UNet with text_time conditioning needs the SDXL pipeline's text_encoder_2",
+                ));
+            };
+            let want = s.encoder.config().projection_dim.unwrap_or(s.encoder.config().hidden_size)
+                + 6 * unet_cfg.addition_time_embed_dim.unwrap_or(0);
+            if unet_cfg.projection_class_embeddings_input_dim != Some(want) {
+                return Err(TillerError::file(
+                    unet_dir.join("config.json"),
+                    format!(
+                        "projection_class_embeddings_input_dim {:?} does not match text_encoder_2's projection + 6 × \
+                         addition_time_embed_dim = {want}",
+                        unet_cfg.projection_class_embeddings_input_dim
+                    ),
+                ));
+            }
+        }
         let unet = in_component(&unet_dir, UNet2DConditionModel::load(unet_w.var_builder(), &unet_cfg))?;
         let vae = in_component(&vae_dir, AutoencoderKL::load(vae_w.var_builder(), &vae_cfg))?;
 
@@ -138,9 +191,9 @@ impl StableDiffusion {
         };
         let targets =
             TargetIndex::new(&[(Component::Unet, &unet_w.tensors), (Component::TextEncoder, &te_w.tensors)], lpb);
-        let info = ModelInfo {
+        let mut info = ModelInfo {
             name: name.to_string(),
-            family: "stable-diffusion".into(),
+            family: if xl { "stable-diffusion-xl" } else { "stable-diffusion" }.into(),
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: f,
             default_size: (side, side),
@@ -149,9 +202,13 @@ impl StableDiffusion {
             guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
             max_prompt_tokens: tokenizer.max_len(),
             patch_size: 1,
+            zero_empty_negative: xl && index.force_zeros_for_empty_prompt.unwrap_or(true),
             defaults: SamplingDefaults::derive(&schedule, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len()),
             scheduler: schedule,
         };
+        if xl && info.defaults.guidance_scale == 7.5 {
+            info.defaults.guidance_scale = 5.0; // StableDiffusionXLPipeline's default
+        }
         Ok(Self {
             info,
             tokenizer: Arc::new(tokenizer),
@@ -162,6 +219,7 @@ impl StableDiffusion {
             te_weights: Arc::new(te_w.tensors),
             unet_cfg,
             te_cfg,
+            second,
             targets: Arc::new(targets),
             dtype,
             device: device.clone(),
@@ -213,6 +271,7 @@ impl StableDiffusion {
             te_weights: te_w,
             unet_cfg: self.unet_cfg.clone(),
             te_cfg: self.te_cfg.clone(),
+            second: self.second.clone(),
             targets: self.targets.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
@@ -239,11 +298,15 @@ impl StableDiffusion {
 
     /// Token ids (B, L) for a batch of prompts, and which prompts were truncated.
     pub fn tokenize(&self, prompts: &[String]) -> Result<(Tensor, Vec<usize>)> {
+        self.tokenize_with(&self.tokenizer, prompts)
+    }
+
+    fn tokenize_with(&self, tokenizer: &ClipTokenizer, prompts: &[String]) -> Result<(Tensor, Vec<usize>)> {
         let mut ids = Vec::new();
         let mut truncated = Vec::new();
         let mut len = 0;
         for (i, p) in prompts.iter().enumerate() {
-            let enc = self.tokenizer.encode(p).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let enc = tokenizer.encode(p).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             if enc.truncated {
                 truncated.push(i);
             }
@@ -288,9 +351,21 @@ impl DiffusionModel for StableDiffusion {
     }
 
     fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbedding> {
-        let (ids, truncated) = self.tokenize(prompts)?;
-        let out = self.text_encoder.forward(&ids, self.clip_skip)?;
-        Ok(PromptEmbedding { hidden_states: out.hidden_states, pooled: Some(out.pooled), truncated })
+        let (ids, mut truncated) = self.tokenize(prompts)?;
+        let Some(second) = &self.second else {
+            let out = self.text_encoder.forward(&ids, self.clip_skip)?;
+            return Ok(PromptEmbedding { hidden_states: out.hidden_states, pooled: Some(out.pooled), truncated });
+        };
+        // SDXL: both encoders' penultimate states side by side; the second's projected pooled
+        // output (diffusers' `encode_prompt`).
+        let (ids2, truncated2) = self.tokenize_with(&second.tokenizer, prompts)?;
+        let first = self.text_encoder.forward_penultimate(&ids, self.clip_skip)?;
+        let out2 = second.encoder.forward_penultimate(&ids2, self.clip_skip)?;
+        let hidden_states = Tensor::cat(&[&first.hidden_states, &out2.hidden_states], 2)?;
+        truncated.extend(truncated2);
+        truncated.sort_unstable();
+        truncated.dedup();
+        Ok(PromptEmbedding { hidden_states, pooled: Some(out2.pooled), truncated })
     }
 
     fn guidance_embedding(&self, guidance_scale: f64, batch: usize) -> Result<Option<Tensor>> {
@@ -307,11 +382,29 @@ impl DiffusionModel for StableDiffusion {
         context: &PromptEmbedding,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let out = self.unet.forward(
+        let added = if self.unet.takes_added_cond() {
+            let pooled = context
+                .pooled
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("SDXL needs the pooled text embedding".into()))?;
+            // original size = target size = the image's, no crop (the pipeline's defaults)
+            let f = self.info.vae_scale_factor;
+            let (b, _, h, w) = x.dims4()?;
+            let (hh, ww) = ((h * f) as f32, (w * f) as f32);
+            let ids: Vec<f32> = (0..b).flat_map(|_| [hh, ww, 0.0, 0.0, hh, ww]).collect();
+            Some(super::unet_2d::AddedCond {
+                text_embeds: pooled.to_dtype(self.dtype)?,
+                time_ids: Tensor::from_vec(ids, (b, 6), x.device())?,
+            })
+        } else {
+            None
+        };
+        let out = self.unet.forward_with(
             &x.to_dtype(self.dtype)?,
             timesteps,
             &context.hidden_states.to_dtype(self.dtype)?,
             timestep_cond,
+            added.as_ref(),
         )?;
         out.to_dtype(x.dtype())
     }

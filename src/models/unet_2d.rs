@@ -83,6 +83,22 @@ pub struct UNet2DConfig {
     pub conv_out_kernel: usize,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
+    /// SDXL's `text_time` conditioning: sinusoid width per size/crop id.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: input width of `add_embedding` (pooled text width + 6 × addition_time_embed_dim).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+}
+
+/// SDXL's added conditioning (`added_cond_kwargs`): the pooled, projected text embedding of
+/// the second text encoder and the six size/crop ids (original h, w, crop top, left, target h, w).
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    /// (B, P)
+    pub text_embeds: Tensor,
+    /// (B, 6)
+    pub time_ids: Tensor,
 }
 
 fn d_in() -> usize {
@@ -385,11 +401,20 @@ struct MidBlock {
     attentions: Vec<Transformer2D>,
 }
 
+/// SDXL's `add_embedding` (a TimestepEmbedding with SiLU) over [pooled text, id sinusoids].
+#[derive(Clone)]
+struct AddEmbedding {
+    time_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
 #[derive(Clone)]
 pub struct UNet2DConditionModel {
     time_linear_1: Linear,
     time_linear_2: Linear,
     cond_proj: Option<Linear>,
+    add_embedding: Option<AddEmbedding>,
     conv_in: Conv2d,
     down: Vec<DownBlock>,
     mid: Option<MidBlock>,
@@ -407,16 +432,13 @@ impl UNet2DConditionModel {
         if c.down_block_types.len() != n || c.up_block_types.len() != n {
             candle_core::bail!("down_block_types/up_block_types must have one entry per block_out_channels");
         }
-        for (field, v) in [
-            ("addition_embed_type", &c.addition_embed_type),
-            ("class_embed_type", &c.class_embed_type),
-            ("time_embedding_type", &c.time_embedding_type),
-        ] {
+        if let Some(v) = c.addition_embed_type.as_deref().filter(|v| *v != "text_time") {
+            candle_core::bail!("unsupported UNet config: addition_embed_type = {v:?} (only SDXL's \"text_time\")");
+        }
+        for (field, v) in [("class_embed_type", &c.class_embed_type), ("time_embedding_type", &c.time_embedding_type)] {
             if let Some(v) = v {
                 if !(field == "time_embedding_type" && v == "positional") {
-                    candle_core::bail!(
-                        "unsupported UNet config: {field} = {v:?} (SDXL-style conditioning is not implemented yet)"
-                    );
+                    candle_core::bail!("unsupported UNet config: {field} = {v:?}");
                 }
             }
         }
@@ -446,6 +468,21 @@ impl UNet2DConditionModel {
         let time_linear_1 = Linear::load(te.pp("linear_1"), boc[0], temb_dim, true)?;
         let time_linear_2 = Linear::load(te.pp("linear_2"), temb_dim, temb_dim, true)?;
         let cond_proj = c.time_cond_proj_dim.map(|d| Linear::load(te.pp("cond_proj"), d, boc[0], false)).transpose()?;
+        let add_embedding = if c.addition_embed_type.as_deref() == Some("text_time") {
+            let (Some(dim), Some(input)) = (c.addition_time_embed_dim, c.projection_class_embeddings_input_dim) else {
+                candle_core::bail!(
+                    "addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"
+                );
+            };
+            let ae = vb.pp("add_embedding");
+            Some(AddEmbedding {
+                time_dim: dim,
+                linear_1: Linear::load(ae.pp("linear_1"), input, temb_dim, true)?,
+                linear_2: Linear::load(ae.pp("linear_2"), temb_dim, temb_dim, true)?,
+            })
+        } else {
+            None
+        };
         let conv_in = Conv2d::load(vb.pp("conv_in"), c.in_channels, boc[0], 3, 1, 1)?;
 
         let mut down = Vec::new();
@@ -593,6 +630,7 @@ impl UNet2DConditionModel {
             time_linear_1,
             time_linear_2,
             cond_proj,
+            add_embedding,
             conv_in,
             down,
             mid,
@@ -653,7 +691,27 @@ impl UNet2DConditionModel {
         context: &Tensor,
         timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
-        super::cpu_kernels::on_pool(sample.device(), || self.forward_layers(sample, timesteps, context, timestep_cond))
+        self.forward_with(sample, timesteps, context, timestep_cond, None)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with SDXL's added conditioning (required by UNets with
+    /// `addition_embed_type: "text_time"`).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        timestep_cond: Option<&Tensor>,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
+        super::cpu_kernels::on_pool(sample.device(), || {
+            self.forward_layers(sample, timesteps, context, timestep_cond, added)
+        })
+    }
+
+    /// Whether the UNet needs [`AddedCond`] (SDXL).
+    pub fn takes_added_cond(&self) -> bool {
+        self.add_embedding.is_some()
     }
 
     fn forward_layers(
@@ -662,6 +720,7 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         context: &Tensor,
         timestep_cond: Option<&Tensor>,
+        added: Option<&AddedCond>,
     ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let dtype = sample.dtype();
@@ -681,7 +740,21 @@ impl UNet2DConditionModel {
             (Some(_), None) => candle_core::bail!("this UNet needs a guidance embedding (time_cond_proj_dim)"),
             (None, _) => t_emb,
         };
-        let emb = self.time_linear_2.forward(&self.act.apply(&self.time_linear_1.forward(&t_emb)?)?)?;
+        let mut emb = self.time_linear_2.forward(&self.act.apply(&self.time_linear_1.forward(&t_emb)?)?)?;
+        match (&self.add_embedding, added) {
+            (Some(ae), Some(a)) => {
+                // sinusoids of the six ids, flattened per row, after the pooled text embedding
+                let ids = a.time_ids.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+                let time = timestep_embedding(&ids, ae.time_dim, self.config.flip_sin_to_cos, self.config.freq_shift)?
+                    .reshape((b, ()))?
+                    .to_dtype(dtype)?;
+                let input = Tensor::cat(&[&a.text_embeds.to_dtype(dtype)?, &time], 1)?;
+                let aug = ae.linear_2.forward(&candle_nn::ops::silu(&ae.linear_1.forward(&input)?)?)?;
+                emb = (emb + aug)?;
+            }
+            (Some(_), None) => candle_core::bail!("this UNet (text_time) needs the pooled text embedding and size ids"),
+            (None, _) => {}
+        }
 
         let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
         let mut x = self.conv_in.forward(&sample)?;

@@ -192,7 +192,15 @@ impl Conditioning {
         let cfg = uses_cfg(model, guidance_scale);
         let prompts: Vec<String> =
             if cfg { vec![negative.unwrap_or("").to_string(), prompt.to_string()] } else { vec![prompt.to_string()] };
-        let emb = model.encode_prompts(&prompts)?;
+        let mut emb = model.encode_prompts(&prompts)?;
+        if cfg && negative.is_none() && model.info().zero_empty_negative {
+            // The unconditional row is zeros, not the encoding of "" (SDXL pipelines).
+            let zero_first = |t: &Tensor| -> Result<Tensor> {
+                Tensor::cat(&[&t.narrow(0, 0, 1)?.zeros_like()?, &t.narrow(0, 1, 1)?], 0)
+            };
+            emb.hidden_states = zero_first(&emb.hidden_states)?;
+            emb.pooled = emb.pooled.as_ref().map(zero_first).transpose()?;
+        }
         let truncated = !emb.truncated.is_empty();
         // Repeat each prompt's embedding n times: [uncond x n, cond x n].
         let repeat = |t: &Tensor| -> Result<Tensor> {
