@@ -112,3 +112,48 @@ async fn sdxl_fixture_generates_over_http() {
     let (w, h, _) = decode_png(d["data"][0]["b64_json"].as_str().unwrap());
     assert_eq!((w, h), (16, 16), "the UNet's sample_size × the VAE's factor");
 }
+
+/// The tiny SD3 pipeline over HTTP: a flow model with CFG, its flow samplers, FK through
+/// flow-sde and FlowChef through the 16-channel VAE's gradient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd3_fixture_generates_and_steers_over_http() {
+    let s = fixture_server(&["sd15-tiny", "sd3-tiny"]).await;
+    let models: serde_json::Value = s.get("/v1/models").await.json().await.unwrap();
+    let sd3 = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "sd3-tiny").unwrap();
+    assert_eq!(sd3["tiller"]["family"], "stable-diffusion-3");
+    assert_eq!(sd3["tiller"]["scheduler"], "flow-euler");
+    assert_eq!(sd3["tiller"]["prediction_type"], "flow_prediction");
+    assert_eq!(sd3["tiller"]["latent_channels"], 16);
+
+    let base = json!({"prompt": "a red circle", "model": "sd3-tiny", "steps": 3, "seed": 4, "n": 2});
+    let (st, a) = s.generate(base.clone()).await;
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["data"][0]["tiller"]["guidance_scale"], 7.0);
+    assert_eq!(a["data"][0]["tiller"]["denoiser_evals"], 12, "3 steps × 2 images × CFG");
+    let (_, again) = s.generate(base.clone()).await;
+    assert_eq!(a["data"][1]["b64_json"], again["data"][1]["b64_json"]);
+
+    let mut fk = base.clone();
+    fk["steering"] = json!({"method": "fk", "particles": 3});
+    fk["reward"] = json!("brightness");
+    let (st, f) = s.generate(fk).await;
+    assert_eq!(st, 200, "{f}");
+    assert_eq!(f["data"][0]["tiller"]["scheduler"], "flow-sde");
+    let mut chef = base.clone();
+    chef["steering"] = json!({"method": "flowchef", "step_size": 50.0, "inner_steps": 2});
+    chef["reward"] = json!("brightness");
+    chef["n"] = json!(1);
+    let (st, c) = s.generate(chef).await;
+    assert_eq!(st, 200, "{c}");
+    let mut plain = base.clone();
+    plain["n"] = json!(1);
+    plain["reward"] = json!("brightness");
+    let (_, p) = s.generate(plain).await;
+    let (rc, rp) = (
+        c["data"][0]["tiller"]["steering"]["reward"].as_f64().unwrap(),
+        p["data"][0]["tiller"]["steering"]["reward"].as_f64().unwrap(),
+    );
+    assert!(rc > rp, "FlowChef on SD3 must raise brightness: {rp} → {rc}");
+    let (st, e) = s.generate(json!({"prompt": "x", "model": "sd3-tiny", "scheduler": "ddim"})).await;
+    assert_error(st, &e, 400, Some("scheduler"));
+}

@@ -41,8 +41,16 @@ fn load_err(dir: &Path) -> String {
 fn every_fixture_layout_loads_and_is_discovered() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let found: Vec<String> = discover_models(&root).unwrap().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(found, ["lcm-tiny", "sd15-inpaint-tiny", "sd15-tiny", "sd2-tiny", "sdxl-tiny", "turbo-tiny"]);
+    assert_eq!(
+        found,
+        ["lcm-tiny", "sd15-inpaint-tiny", "sd15-tiny", "sd2-tiny", "sd3-tiny", "sd35-tiny", "sdxl-tiny", "turbo-tiny"]
+    );
     for name in &found {
+        if name.starts_with("sd3") {
+            let m = load_model(name, &root.join(name), &Device::Cpu, DType::F32).unwrap();
+            assert_eq!((m.info().latent_channels, m.info().patch_size), (16, 2), "{name}");
+            continue;
+        }
         let m = load_model(name, &root.join(name), &Device::Cpu, DType::F32).unwrap();
         assert_eq!(m.info().latent_channels, 4);
         assert_eq!(m.info().vae_scale_factor, 2);
@@ -155,6 +163,16 @@ fn broken_directories_name_the_file_and_the_problem() {
     std::fs::write(&idx_path, idx.to_string()).unwrap();
     let err = load_err(&sdxl);
     assert!(err.contains("FluxPipeline") && err.contains("not supported"), "{err}");
+
+    // SD3 with its T5 encoder listed: refused with the way to run without it.
+    let sd3 = tmp.path().join("sd3");
+    copy_dir(&fixture("sd3-tiny"), &sd3);
+    let idx_path = sd3.join("model_index.json");
+    let mut idx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx_path).unwrap()).unwrap();
+    idx["text_encoder_3"] = serde_json::json!(["transformers", "T5EncoderModel"]);
+    std::fs::write(&idx_path, idx.to_string()).unwrap();
+    let err = load_err(&sd3);
+    assert!(err.contains("text_encoder_3") && err.contains("[null, null]"), "{err}");
 }
 
 #[test]

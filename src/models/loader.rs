@@ -48,6 +48,15 @@ pub fn load_model(name: &str, dir: &Path, device: &Device, dtype: DType) -> Resu
         _ => None,
     };
     let opts = LoadOptions { dtype, device: device.clone(), variant, clip_skip: 0 };
+    #[derive(serde::Deserialize)]
+    struct Class {
+        #[serde(rename = "_class_name", default)]
+        class_name: String,
+    }
+    let class: Class = super::weights::read_config(&dir.join("model_index.json"))?;
+    if super::sd3::PIPELINES.contains(&class.class_name.as_str()) {
+        return Ok(Arc::new(super::sd3::StableDiffusion3::load(name, dir, &opts)?));
+    }
     Ok(Arc::new(StableDiffusion::load(name, dir, &opts)?))
 }
 

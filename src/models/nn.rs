@@ -325,6 +325,11 @@ impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
     }
+
+    /// From given parameters (ones and zeros for a norm without learned ones).
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Result<Self> {
+        Ok(Self { weight, bias, eps })
+    }
 }
 
 impl Module for LayerNorm {

@@ -14,7 +14,7 @@ use super::clip_text::{ClipTextConfig, ClipTextModel};
 use super::tokenizer::ClipTokenizer;
 use super::unet_2d::{UNet2DConditionModel, UNet2DConfig};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
-use super::weights::{in_component, load_component, read_config};
+use super::weights::{component_dir, in_component, load_component, read_config};
 use super::{DiffusionModel, ModelInfo, PromptEmbedding, SamplingDefaults};
 use crate::adapters::apply::WeightedLayers;
 use crate::adapters::{Component, TargetIndex};
@@ -79,14 +79,6 @@ pub struct StableDiffusion {
     device: Device,
     clip_skip: usize,
     pub dir: PathBuf,
-}
-
-fn component_dir(root: &Path, name: &str) -> TResult<PathBuf> {
-    let d = root.join(name);
-    if !d.is_dir() {
-        return Err(TillerError::file(&d, format!("missing component directory `{name}/` (diffusers layout)")));
-    }
-    Ok(d)
 }
 
 impl StableDiffusion {
@@ -302,18 +294,7 @@ impl StableDiffusion {
     }
 
     fn tokenize_with(&self, tokenizer: &ClipTokenizer, prompts: &[String]) -> Result<(Tensor, Vec<usize>)> {
-        let mut ids = Vec::new();
-        let mut truncated = Vec::new();
-        let mut len = 0;
-        for (i, p) in prompts.iter().enumerate() {
-            let enc = tokenizer.encode(p).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            if enc.truncated {
-                truncated.push(i);
-            }
-            len = enc.ids.len();
-            ids.extend(enc.ids);
-        }
-        Ok((Tensor::from_vec(ids, (prompts.len(), len), &self.device)?, truncated))
+        tokenizer.encode_batch(prompts, &self.device)
     }
 }
 
@@ -418,33 +399,14 @@ impl DiffusionModel for StableDiffusion {
     }
 
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let c = self.vae.config();
-        let mut z = (latents / c.scaling_factor)?;
-        if let Some(shift) = c.shift_factor {
-            z = (z + shift)?;
-        }
-        let img = self.vae.decode(&z.to_dtype(self.dtype)?)?.to_dtype(latents.dtype())?;
-        ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)
+        self.vae.decode_latents(latents, self.dtype)
     }
 
     fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
-        let x = ((images * 2.0)? - 1.0)?.to_dtype(self.dtype)?;
-        let c = self.vae.config();
-        let mut z = self.vae.encode_mean(&x)?.to_dtype(images.dtype())?;
-        if let Some(shift) = c.shift_factor {
-            z = (z - shift)?;
-        }
-        z * c.scaling_factor
+        self.vae.encode_latents(images, self.dtype)
     }
 
     fn encode_posterior(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
-        let x = ((images * 2.0)? - 1.0)?.to_dtype(self.dtype)?;
-        let c = self.vae.config();
-        let (mean, std) = self.vae.encode_mean_std(&x)?;
-        let mut mean = mean.to_dtype(images.dtype())?;
-        if let Some(shift) = c.shift_factor {
-            mean = (mean - shift)?;
-        }
-        Ok(((mean * c.scaling_factor)?, (std.to_dtype(images.dtype())? * c.scaling_factor)?))
+        self.vae.encode_latent_posterior(images, self.dtype)
     }
 }

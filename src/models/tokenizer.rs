@@ -151,6 +151,26 @@ fn clip_tokenizer_json(vocab: Value, merges: Vec<String>, sp: &SpecialTokens) ->
 impl ClipTokenizer {
     /// Load from a diffusers `tokenizer/` folder (`tokenizer.json`, or `vocab.json` + `merges.txt`,
     /// plus the optional `tokenizer_config.json` / `special_tokens_map.json`).
+    /// Token ids (B, L) of a batch of prompts on `device`, and which prompts were truncated.
+    pub fn encode_batch(
+        &self,
+        prompts: &[String],
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(candle_core::Tensor, Vec<usize>)> {
+        let mut ids = Vec::new();
+        let mut truncated = Vec::new();
+        let mut len = 0;
+        for (i, p) in prompts.iter().enumerate() {
+            let enc = self.encode(p).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            if enc.truncated {
+                truncated.push(i);
+            }
+            len = enc.ids.len();
+            ids.extend(enc.ids);
+        }
+        Ok((candle_core::Tensor::from_vec(ids, (prompts.len(), len), device)?, truncated))
+    }
+
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(TillerError::file(dir, "tokenizer folder is missing"));

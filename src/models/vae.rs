@@ -304,6 +304,40 @@ impl AutoencoderKL {
         d.conv_out.forward(&d.norm_out.forward_act(&x, d.act)?)
     }
 
+    /// Images in [0, 1] from a pipeline's latents: undo `scaling_factor` and `shift_factor`,
+    /// decode in the weights' `dtype`, map [-1, 1] to [0, 1] and clamp (in the latents' dtype).
+    pub fn decode_latents(&self, latents: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+        let c = &self.config;
+        let mut z = (latents / c.scaling_factor)?;
+        if let Some(shift) = c.shift_factor {
+            z = (z + shift)?;
+        }
+        let img = self.decode(&z.to_dtype(dtype)?)?.to_dtype(latents.dtype())?;
+        ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)
+    }
+
+    /// A pipeline's latents (posterior mean, shifted and scaled) for images in [0, 1].
+    pub fn encode_latents(&self, images: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+        let mean = self.encode_mean(&((images * 2.0)? - 1.0)?.to_dtype(dtype)?)?;
+        self.to_latent_space(&mean.to_dtype(images.dtype())?)
+    }
+
+    /// The latent posterior `(mean, std)` of images in [0, 1], shifted and scaled like latents.
+    pub fn encode_latent_posterior(&self, images: &Tensor, dtype: candle_core::DType) -> Result<(Tensor, Tensor)> {
+        let (mean, std) = self.encode_mean_std(&((images * 2.0)? - 1.0)?.to_dtype(dtype)?)?;
+        let std = (std.to_dtype(images.dtype())? * self.config.scaling_factor)?;
+        Ok((self.to_latent_space(&mean.to_dtype(images.dtype())?)?, std))
+    }
+
+    /// `(z − shift_factor)·scaling_factor`.
+    fn to_latent_space(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match self.config.shift_factor {
+            Some(shift) => (z - shift)?,
+            None => z.clone(),
+        };
+        z * self.config.scaling_factor
+    }
+
     /// Posterior mean of the latent distribution (unscaled) for images in [-1, 1].
     pub fn encode_mean(&self, x: &Tensor) -> Result<Tensor> {
         self.encode_moments(x)?.narrow(1, 0, self.config.latent_channels)

@@ -109,6 +109,15 @@ pub fn load_component(
 }
 
 /// Read and parse a component's `config.json`.
+/// `root/name`, or an error naming the missing diffusers component directory.
+pub fn component_dir(root: &Path, name: &str) -> Result<std::path::PathBuf> {
+    let d = root.join(name);
+    if !d.is_dir() {
+        return Err(TillerError::file(&d, format!("missing component directory `{name}/` (diffusers layout)")));
+    }
+    Ok(d)
+}
+
 pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| TillerError::file(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| TillerError::file(path, format!("malformed config: {e}")))
