@@ -1,8 +1,9 @@
 //! Stable Diffusion 3 against diffusers: tiny `StableDiffusion3Pipeline`s made by
-//! `scripts/fixtures/make_sd3_fixtures.py` without the T5 encoder (`sd3-tiny`, and `sd35-tiny`
-//! with SD3.5's RMS qk-norm) load unchanged; `encode_prompt`, one transformer call on a
-//! non-square latent with rows at different timesteps, and full flow-matching runs with and
-//! without CFG match within 1e-4 of the reference's largest value.
+//! `scripts/fixtures/make_sd3_fixtures.py` — without the T5 encoder (`sd3-tiny`, and `sd35-tiny`
+//! with SD3.5's RMS qk-norm) and with it (`sd3-t5-tiny`: a SentencePiece tokenizer.json and a
+//! gated-GELU T5EncoderModel) — load unchanged; T5's tokens and hidden states, `encode_prompt`,
+//! one transformer call on a non-square latent with rows at different timesteps, and full
+//! flow-matching runs with and without CFG match within 1e-4 of the reference's largest value.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use tiller::pipeline::{sample_latents, Conditioning};
 use tiller::sampling::{build_for, ReplayNoise, SamplerKind};
 
 const TOL: f64 = 1e-4;
-const MODELS: [&str; 2] = ["sd3-tiny", "sd35-tiny"];
+const MODELS: [&str; 3] = ["sd3-tiny", "sd35-tiny", "sd3-t5-tiny"];
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -91,7 +92,7 @@ fn sd3_runs_match_diffusers() {
         })
         .collect();
     runs.sort();
-    assert_eq!(runs.len(), 6, "{runs:?}");
+    assert_eq!(runs.len(), 9, "{runs:?}");
     for stem in runs {
         let (t, json) = refs(&stem);
         let model = load(json["model"].as_str().unwrap());
@@ -133,4 +134,22 @@ fn sd3_runs_match_diffusers() {
         close(&format!("{stem} final latents"), &latents, &t["latents"]);
         close(&format!("{stem} image"), &model.decode(&latents).unwrap(), &t["image"]);
     }
+}
+
+#[test]
+fn t5_tokens_and_hidden_states_match_transformers() {
+    let dir = fixtures().join("models/sd3-t5-tiny");
+    let tok = tiller::models::tokenizer::T5Tokenizer::from_dir(&dir.join("tokenizer_3")).unwrap();
+    let cfg: tiller::models::t5::T5Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("text_encoder_3/config.json")).unwrap()).unwrap();
+    let weights = candle_core::safetensors::load(dir.join("text_encoder_3/model.safetensors"), &Device::Cpu).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let t5 = tiller::models::t5::T5EncoderModel::load(vb, &cfg).unwrap();
+    let (t, json) = refs("text_sd3-t5-tiny");
+    let prompts: Vec<String> =
+        json["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    let (ids, _) = tok.encode_batch(&prompts, 256, &Device::Cpu).unwrap();
+    let want = t["input_ids_3"].to_dtype(DType::U32).unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), want.to_vec2::<u32>().unwrap(), "T5 token ids");
+    close("t5 last_hidden_state", &t5.forward(&want).unwrap(), &t["t5_last_hidden_state"]);
 }

@@ -16,6 +16,7 @@ pub mod random_init;
 pub mod sd3;
 pub mod single_file;
 pub mod stable_diffusion;
+pub mod t5;
 pub mod tokenizer;
 pub mod unet_2d;
 pub mod vae;

@@ -2,9 +2,8 @@
 //! CLIP tokenizers and `CLIPTextModelWithProjection` encoders, the MMDiT transformer, a
 //! 16-channel VAE with `shift_factor`, and a `FlowMatchEulerDiscreteScheduler` config.
 //!
-//! The T5 encoder (`text_encoder_3`) is not implemented yet. diffusers runs SD3 without it when
-//! `text_encoder_3` and `tokenizer_3` are null in `model_index.json`: the T5 part of the context
-//! is then zeros, which is what tiller does; a directory that lists a T5 encoder is refused.
+//! The T5 encoder (`text_encoder_3`, `tokenizer_3`) is optional, as in diffusers: without it
+//! (null in `model_index.json`) the T5 part of the context is zeros.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,7 +14,8 @@ use serde::Deserialize;
 use super::clip_text::{ClipTextConfig, ClipTextModel};
 use super::mmdit::{SD3Transformer2DModel, SD3TransformerConfig};
 use super::stable_diffusion::LoadOptions;
-use super::tokenizer::ClipTokenizer;
+use super::t5::{T5Config, T5EncoderModel};
+use super::tokenizer::{ClipTokenizer, T5Tokenizer};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
 use super::weights::{component_dir, in_component, load_component, read_config};
 use super::{DiffusionModel, ModelInfo, PromptEmbedding, SamplingDefaults};
@@ -38,6 +38,7 @@ pub struct StableDiffusion3 {
     info: ModelInfo,
     tokenizers: [Arc<ClipTokenizer>; 2],
     encoders: [ClipTextModel; 2],
+    t5: Option<(T5Tokenizer, T5EncoderModel)>,
     transformer: SD3Transformer2DModel,
     vae: Arc<AutoencoderKL>,
     dtype: DType,
@@ -48,13 +49,7 @@ impl StableDiffusion3 {
     pub fn load(name: &str, dir: &Path, opts: &LoadOptions) -> TResult<Self> {
         let index_path = dir.join("model_index.json");
         let index: Sd3Index = read_config(&index_path)?;
-        if index.text_encoder_3.as_ref().is_some_and(|(lib, class)| lib.is_some() || class.is_some()) {
-            return Err(TillerError::file(
-                &index_path,
-                "the T5 text encoder (text_encoder_3) is not supported yet; to run SD3 without it, as diffusers \
-                 does with text_encoder_3=None, set \"text_encoder_3\" and \"tokenizer_3\" to [null, null]",
-            ));
-        }
+        let with_t5 = index.text_encoder_3.as_ref().is_some_and(|(lib, class)| lib.is_some() || class.is_some());
         let (variant, dtype, device) = (opts.variant.as_deref(), opts.dtype, &opts.device);
         let sched_path = component_dir(dir, "scheduler")?.join("scheduler_config.json");
         let text = std::fs::read_to_string(&sched_path).map_err(|e| TillerError::file(&sched_path, e.to_string()))?;
@@ -84,6 +79,24 @@ impl StableDiffusion3 {
         }
         let tr_dir = component_dir(dir, "transformer")?;
         let tr_cfg: SD3TransformerConfig = read_config(&tr_dir.join("config.json"))?;
+        let t5 = if with_t5 {
+            let t5_dir = component_dir(dir, "text_encoder_3")?;
+            let cfg: T5Config = read_config(&t5_dir.join("config.json"))?;
+            if cfg.d_model != tr_cfg.joint_attention_dim {
+                return Err(TillerError::file(
+                    t5_dir.join("config.json"),
+                    format!(
+                        "d_model {} differs from the transformer's joint_attention_dim {}",
+                        cfg.d_model, tr_cfg.joint_attention_dim
+                    ),
+                ));
+            }
+            let w = load_component(&t5_dir, "model", variant, dtype, device)?;
+            let model = in_component(&t5_dir, T5EncoderModel::load(w.var_builder(), &cfg))?;
+            Some((T5Tokenizer::from_dir(&component_dir(dir, "tokenizer_3")?)?, model))
+        } else {
+            None
+        };
         let tr_w = load_component(&tr_dir, "diffusion_pytorch_model", variant, dtype, device)?;
         let transformer = in_component(&tr_dir, SD3Transformer2DModel::load(tr_w.var_builder(), &tr_cfg))?;
         let vae_dir = component_dir(dir, "vae")?;
@@ -134,6 +147,7 @@ impl StableDiffusion3 {
             info,
             tokenizers: [t1, t2],
             encoders: [e1, e2],
+            t5,
             transformer,
             vae: Arc::new(vae),
             dtype,
@@ -163,9 +177,9 @@ impl DiffusionModel for StableDiffusion3 {
         &self.device
     }
 
-    /// diffusers' `encode_prompt` without T5: both encoders' un-normed penultimate states side by
-    /// side, zero-padded to `joint_attention_dim`, followed by 256 zero T5 tokens; the pooled
-    /// embedding is both projected pooled outputs side by side.
+    /// diffusers' `encode_prompt`: both CLIP encoders' un-normed penultimate states side by side,
+    /// zero-padded to `joint_attention_dim`, followed by 256 T5 tokens (zeros without T5); the
+    /// pooled embedding is both projected pooled outputs side by side.
     fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbedding> {
         let mut hidden = Vec::new();
         let mut pooled = Vec::new();
@@ -183,7 +197,16 @@ impl DiffusionModel for StableDiffusion3 {
         let (b, l, w) = clip.dims3()?;
         let joint = self.transformer.config().joint_attention_dim;
         let clip = clip.pad_with_zeros(2, 0, joint - w)?;
-        let t5 = Tensor::zeros((b, T5_TOKENS, joint), clip.dtype(), &self.device)?;
+        let t5 = match &self.t5 {
+            Some((tokenizer, model)) => {
+                let (ids, t) = tokenizer.encode_batch(prompts, T5_TOKENS, &self.device)?;
+                truncated.extend(t);
+                truncated.sort_unstable();
+                truncated.dedup();
+                model.forward(&ids)?.to_dtype(clip.dtype())?
+            }
+            None => Tensor::zeros((b, T5_TOKENS, joint), clip.dtype(), &self.device)?,
+        };
         debug_assert_eq!(l, self.info.max_prompt_tokens);
         Ok(PromptEmbedding {
             hidden_states: Tensor::cat(&[&clip, &t5], 1)?,

@@ -268,6 +268,86 @@ impl ClipTokenizer {
     }
 }
 
+/// T5's SentencePiece tokenizer from the published `tokenizer.json` (`T5TokenizerFast`): the
+/// tokens, then `</s>`, padded with `<pad>` to the pipeline's `max_sequence_length`.
+pub struct T5Tokenizer {
+    inner: tokenizers::Tokenizer,
+    eos_id: u32,
+    pad_id: u32,
+}
+
+impl std::fmt::Debug for T5Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("T5Tokenizer").field("eos_id", &self.eos_id).field("pad_id", &self.pad_id).finish()
+    }
+}
+
+impl T5Tokenizer {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.exists() {
+            return Err(TillerError::file(
+                &tj,
+                "missing: tiller reads T5 tokenizers from tokenizer.json (spiece.model alone is not supported)",
+            ));
+        }
+        read_json(&tj)?;
+        let mut inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| TillerError::file(&tj, format!("invalid tokenizer: {e}")))?;
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| TillerError::file(&tj, format!("invalid tokenizer: {e}")))?;
+        let (mut eos, mut pad) = ("</s>".to_string(), "<pad>".to_string());
+        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+            let path = dir.join(name);
+            if path.exists() {
+                let v = read_json(&path)?;
+                if let Some(t) = v.get("eos_token").and_then(token_content) {
+                    eos = t;
+                }
+                if let Some(t) = v.get("pad_token").and_then(token_content) {
+                    pad = t;
+                }
+            }
+        }
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| TillerError::file(&tj, format!("special token `{t}` is not in the vocabulary")))
+        };
+        Ok(Self { eos_id: id(&eos)?, pad_id: id(&pad)?, inner })
+    }
+
+    /// Tokens then `</s>`, truncated to and padded to `max_len`.
+    pub fn encode(&self, text: &str, max_len: usize) -> Result<Encoded> {
+        let enc = self.inner.encode(text, false).map_err(|e| TillerError::Other(anyhow::anyhow!("tokenizer: {e}")))?;
+        let toks = enc.get_ids();
+        let room = max_len.saturating_sub(1);
+        let mut ids: Vec<u32> = toks[..toks.len().min(room)].to_vec();
+        ids.push(self.eos_id);
+        ids.resize(max_len, self.pad_id);
+        Ok(Encoded { ids, truncated: toks.len() > room })
+    }
+
+    /// Token ids (B, `max_len`) of a batch of prompts, and which were truncated.
+    pub fn encode_batch(
+        &self,
+        prompts: &[String],
+        max_len: usize,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<(candle_core::Tensor, Vec<usize>)> {
+        let mut ids = Vec::with_capacity(prompts.len() * max_len);
+        let mut truncated = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let e = self.encode(p, max_len).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            if e.truncated {
+                truncated.push(i);
+            }
+            ids.extend(e.ids);
+        }
+        candle_core::Tensor::from_vec(ids, (prompts.len(), max_len), device).map(|t| (t, truncated))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
