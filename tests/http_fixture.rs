@@ -157,3 +157,34 @@ async fn sd3_fixture_generates_and_steers_over_http() {
     let (st, e) = s.generate(json!({"prompt": "x", "model": "sd3-tiny", "scheduler": "ddim"})).await;
     assert_error(st, &e, 400, Some("scheduler"));
 }
+
+/// The tiny FLUX pipelines over HTTP: dev takes the guidance scale as an embedding (one
+/// evaluation per step, never CFG), schnell defaults to 4 steps and ignores guidance; FK runs
+/// through flow-sde.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux_fixtures_generate_over_http() {
+    let s = fixture_server(&["sd15-tiny", "flux-dev-tiny", "flux-schnell-tiny"]).await;
+    let base =
+        json!({"prompt": "a red circle", "model": "flux-dev-tiny", "steps": 3, "seed": 4, "n": 2, "size": "16x16"});
+    let (st, a) = s.generate(base.clone()).await;
+    assert_eq!(st, 200, "{a}");
+    let t = &a["data"][0]["tiller"];
+    assert_eq!(t["guidance_scale"], 3.5);
+    assert_eq!(t["denoiser_evals"], 6, "3 steps × 2 images, guidance by embedding");
+    let mut other = base.clone();
+    other["guidance_scale"] = json!(5.0);
+    let (_, b) = s.generate(other).await;
+    assert_ne!(a["data"][0]["b64_json"], b["data"][0]["b64_json"], "dev's guidance embedding changes the image");
+
+    let (st, sc) = s.generate(json!({"prompt": "x", "model": "flux-schnell-tiny", "size": "16x16", "seed": 1})).await;
+    assert_eq!(st, 200, "{sc}");
+    assert_eq!(sc["data"][0]["tiller"]["steps"], 4);
+    assert_eq!(sc["data"][0]["tiller"]["denoiser_evals"], 4);
+
+    let mut fk = base.clone();
+    fk["steering"] = json!({"method": "fk", "particles": 3});
+    fk["reward"] = json!("brightness");
+    let (st, f) = s.generate(fk).await;
+    assert_eq!(st, 200, "{f}");
+    assert_eq!(f["data"][0]["tiller"]["scheduler"], "flow-sde");
+}

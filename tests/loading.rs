@@ -44,6 +44,8 @@ fn every_fixture_layout_loads_and_is_discovered() {
     assert_eq!(
         found,
         [
+            "flux-dev-tiny",
+            "flux-schnell-tiny",
             "lcm-tiny",
             "sd15-inpaint-tiny",
             "sd15-tiny",
@@ -56,7 +58,7 @@ fn every_fixture_layout_loads_and_is_discovered() {
         ]
     );
     for name in &found {
-        if name.starts_with("sd3") {
+        if name.starts_with("sd3") || name.starts_with("flux") {
             let m = load_model(name, &root.join(name), &Device::Cpu, DType::F32).unwrap();
             assert_eq!((m.info().latent_channels, m.info().patch_size), (16, 2), "{name}");
             continue;
@@ -169,10 +171,15 @@ fn broken_directories_name_the_file_and_the_problem() {
     std::fs::write(&idx_path, idx.to_string()).unwrap();
     let err = load_err(&sdxl);
     assert!(err.contains("text_encoder_2"), "an SDXL pipeline without its second encoder: {err}");
+    idx["_class_name"] = serde_json::json!("KandinskyPipeline");
+    std::fs::write(&idx_path, idx.to_string()).unwrap();
+    let err = load_err(&sdxl);
+    assert!(err.contains("KandinskyPipeline") && err.contains("not supported"), "{err}");
+    // A FLUX pipeline needs its T5 encoder.
     idx["_class_name"] = serde_json::json!("FluxPipeline");
     std::fs::write(&idx_path, idx.to_string()).unwrap();
     let err = load_err(&sdxl);
-    assert!(err.contains("FluxPipeline") && err.contains("not supported"), "{err}");
+    assert!(err.contains("tokenizer_2") || err.contains("scheduler"), "{err}");
 
     // SD3 listing a T5 encoder it does not ship: the missing directory is named.
     let sd3 = tmp.path().join("sd3");

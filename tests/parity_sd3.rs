@@ -5,46 +5,21 @@
 //! one transformer call on a non-square latent with rows at different timesteps, and full
 //! flow-matching runs with and without CFG match within 1e-4 of the reference's largest value.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod parity_support;
 
 use candle_core::{DType, Device, Tensor};
+use parity_support::{close, fixtures, flow_runs, refs};
 use tiller::models::sd3::StableDiffusion3;
 use tiller::models::stable_diffusion::LoadOptions;
 use tiller::models::DiffusionModel;
 use tiller::pipeline::{sample_latents, Conditioning};
 use tiller::sampling::{build_for, ReplayNoise, SamplerKind};
 
-const TOL: f64 = 1e-4;
 const MODELS: [&str; 3] = ["sd3-tiny", "sd35-tiny", "sd3-t5-tiny"];
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn load(name: &str) -> StableDiffusion3 {
     let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, clip_skip: 0 };
     StableDiffusion3::load(name, &fixtures().join("models").join(name), &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn refs(stem: &str) -> (HashMap<String, Tensor>, serde_json::Value) {
-    let dir = fixtures().join("refs");
-    let t = candle_core::safetensors::load(dir.join(format!("{stem}.safetensors")), &Device::Cpu).unwrap();
-    let json = std::fs::read_to_string(dir.join(format!("{stem}.json")))
-        .map(|s| serde_json::from_str(&tiller::util::json::from_python_json(&s)).unwrap())
-        .unwrap_or(serde_json::Value::Null);
-    (t, json)
-}
-
-fn close(case: &str, got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.dims(), want.dims(), "{case}: shape");
-    let (g, w) = (got.to_dtype(DType::F64).unwrap(), want.to_dtype(DType::F64).unwrap());
-    let err = (&g - &w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-    let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-12);
-    let rel = err / scale;
-    println!("{case:<48} max|err| {err:.3e}  max|ref| {scale:.3e}  rel {rel:.3e}");
-    assert!(rel <= TOL, "{case}: relative error {rel:.3e}");
-    rel
 }
 
 #[test]
@@ -84,14 +59,7 @@ fn sd3_text_and_transformer_match_diffusers() {
 
 #[test]
 fn sd3_runs_match_diffusers() {
-    let mut runs: Vec<String> = std::fs::read_dir(fixtures().join("refs"))
-        .unwrap()
-        .filter_map(|e| {
-            let n = e.unwrap().file_name().to_string_lossy().into_owned();
-            n.strip_prefix("flowrun_").and_then(|s| s.strip_suffix(".json")).map(|s| format!("flowrun_{s}"))
-        })
-        .collect();
-    runs.sort();
+    let runs = flow_runs("sd3");
     assert_eq!(runs.len(), 9, "{runs:?}");
     for stem in runs {
         let (t, json) = refs(&stem);

@@ -57,6 +57,9 @@ pub fn load_model(name: &str, dir: &Path, device: &Device, dtype: DType) -> Resu
     if super::sd3::PIPELINES.contains(&class.class_name.as_str()) {
         return Ok(Arc::new(super::sd3::StableDiffusion3::load(name, dir, &opts)?));
     }
+    if super::flux::PIPELINES.contains(&class.class_name.as_str()) {
+        return Ok(Arc::new(super::flux::Flux::load(name, dir, &opts)?));
+    }
     Ok(Arc::new(StableDiffusion::load(name, dir, &opts)?))
 }
 

@@ -86,13 +86,13 @@ impl SD3TransformerConfig {
 }
 
 /// LayerNorm without learned parameters (`elementwise_affine=False`).
-fn plain_norm(dim: usize, eps: f64, vb: &VarBuilder) -> Result<LayerNorm> {
+pub(crate) fn plain_norm(dim: usize, eps: f64, vb: &VarBuilder) -> Result<LayerNorm> {
     let dev = vb.device();
     LayerNorm::new(Tensor::ones(dim, vb.dtype(), dev)?, Tensor::zeros(dim, vb.dtype(), dev)?, eps)
 }
 
 /// `x·(1 + scale) + shift` with per-row (B, D) modulation over (B, N, D).
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&(scale + 1.0)?.unsqueeze(1)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
@@ -103,67 +103,67 @@ fn chunks(emb: &Tensor, k: usize) -> Result<Vec<Tensor>> {
 
 /// `linear_2(silu(linear_1(x)))`: diffusers' TimestepEmbedding and PixArt text projection.
 #[derive(Clone)]
-struct Mlp2 {
+pub(crate) struct Mlp2 {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl Mlp2 {
-    fn load(vb: VarBuilder, input: usize, dim: usize) -> Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, input: usize, dim: usize) -> Result<Self> {
         Ok(Self {
             linear_1: Linear::load(vb.pp("linear_1"), input, dim, true)?,
             linear_2: Linear::load(vb.pp("linear_2"), dim, dim, true)?,
         })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
     }
 }
 
 /// adaLN modulation: `linear(silu(temb))` split into `k` vectors after a parameter-free norm.
 #[derive(Clone)]
-struct AdaNorm {
+pub(crate) struct AdaNorm {
     linear: Linear,
-    norm: LayerNorm,
+    pub(crate) norm: LayerNorm,
     k: usize,
 }
 
 impl AdaNorm {
-    fn load(vb: VarBuilder, dim: usize, k: usize) -> Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, dim: usize, k: usize) -> Result<Self> {
         Ok(Self { linear: Linear::load(vb.pp("linear"), dim, k * dim, true)?, norm: plain_norm(dim, 1e-6, &vb)?, k })
     }
-    fn params(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
+    pub(crate) fn params(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
         chunks(&self.linear.forward(&temb.silu()?)?, self.k)
     }
 }
 
 #[derive(Clone)]
-struct FeedForward {
+pub(crate) struct FeedForward {
     proj: Linear,
     out: Linear,
 }
 
 impl FeedForward {
-    fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(Self {
             proj: Linear::load(vb.pp("net.0.proj"), dim, 4 * dim, true)?,
             out: Linear::load(vb.pp("net.2"), 4 * dim, dim, true)?,
         })
     }
     /// GELU (tanh approximation), as `activation_fn="gelu-approximate"`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.out.forward(&self.proj.forward(x)?.gelu()?)
     }
 }
 
 /// RMS norm over the head dimension for SD3.5's `qk_norm: "rms_norm"`.
 #[derive(Clone)]
-struct HeadRmsNorm {
-    weight: Tensor,
+pub(crate) struct HeadRmsNorm {
+    pub(crate) weight: Tensor,
 }
 
 impl HeadRmsNorm {
-    fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, n, inner) = x.dims3()?;
         let d = inner / heads;
         let h = x.reshape((b, n, heads, d))?;

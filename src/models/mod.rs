@@ -8,6 +8,8 @@
 pub mod clip_text;
 pub mod clip_vision;
 pub mod cpu_kernels;
+pub mod flux;
+pub mod flux_transformer;
 pub mod gaussian_mixture;
 pub mod loader;
 pub mod mmdit;
