@@ -188,3 +188,41 @@ fn variants_never_touch_the_base_weights() {
     assert_eq!(rel(&after.unet, &before.unet), 0.0);
     assert_eq!(rel(&after.text, &before.text), 0.0);
 }
+
+/// SDXL: a PEFT LoRA on the UNet (attention, feed-forward and the `text_time` add_embedding)
+/// and on both text encoders, written by `StableDiffusionXLPipeline.save_lora_weights`
+/// (`scripts/fixtures/make_sdxl_fixtures.py`), gives diffusers' prompt embeddings, pooled
+/// embedding and UNet output, merged and unmerged.
+#[test]
+fn sdxl_lora_on_unet_and_both_text_encoders_matches_diffusers() {
+    let opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, clip_skip: 0 };
+    let model = StableDiffusion::load("sdxl-tiny", Path::new("tests/fixtures/models/sdxl-tiny"), &opts).unwrap();
+    let a = Adapter::load("sdxl_peft", Path::new("tests/fixtures/lora/sdxl_peft.safetensors")).unwrap();
+    let (layers, warnings) = resolve(&a.file.layers, model.adapter_targets().unwrap(), false).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let components: std::collections::BTreeSet<String> = layers.iter().map(|l| format!("{:?}", l.component)).collect();
+    assert_eq!(components.len(), 3, "UNet and both text encoders: {components:?}");
+    let want = candle_core::safetensors::load("tests/fixtures/refs/lora_sdxl-tiny.safetensors", &Device::Cpu).unwrap();
+    let unet_in =
+        candle_core::safetensors::load("tests/fixtures/refs/unet_sdxl-tiny.safetensors", &Device::Cpu).unwrap();
+    for merge in [true, false] {
+        let variant = model.with_adapters(&[(1.0, layers.as_slice())], merge).unwrap();
+        let emb = variant.encode_prompts(&["a red circle left of a blue square".to_string()]).unwrap();
+        let e = rel(&emb.hidden_states, &want["prompt_embeds"]);
+        let p = rel(emb.pooled.as_ref().unwrap(), &want["pooled"]);
+        let added = tiller::models::unet_2d::AddedCond {
+            text_embeds: unet_in["text_embeds"].clone(),
+            time_ids: unet_in["time_ids"].clone(),
+        };
+        let sample = &unet_in["sample"];
+        let ts = tiller::models::timesteps(751.0, sample.dim(0).unwrap(), sample.device()).unwrap();
+        let out =
+            variant.unet().forward_with(sample, &ts, &unet_in["encoder_hidden_states"], None, Some(&added)).unwrap();
+        let u = rel(&out, &want["unet_out_t751"]);
+        println!("sdxl lora merge={merge}: prompt_embeds {e:.2e} pooled {p:.2e} unet {u:.2e}");
+        assert!(e < TOL && p < TOL && u < TOL, "merge={merge}: {e} {p} {u}");
+    }
+    // The base model is untouched: its embeddings differ from the adapted ones.
+    let base = model.encode_prompts(&["a red circle left of a blue square".to_string()]).unwrap();
+    assert!(rel(&base.hidden_states, &want["prompt_embeds"]) > 1e-3);
+}

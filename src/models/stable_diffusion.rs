@@ -45,6 +45,9 @@ const SUPPORTED_PIPELINES: &[&str] = &[
 struct SecondEncoder {
     tokenizer: Arc<ClipTokenizer>,
     encoder: ClipTextModel,
+    /// Base weights by published name (adapter variants are built from them).
+    weights: Arc<HashMap<String, Tensor>>,
+    config: ClipTextConfig,
 }
 
 /// Options for loading a Stable Diffusion directory.
@@ -137,6 +140,8 @@ impl StableDiffusion {
             Some(SecondEncoder {
                 tokenizer: Arc::new(ClipTokenizer::from_dir(&component_dir(dir, "tokenizer_2")?)?),
                 encoder: in_component(&dir2, ClipTextModel::load(w2.var_builder(), &cfg2))?,
+                weights: Arc::new(w2.tensors),
+                config: cfg2,
             })
         } else {
             None
@@ -181,8 +186,11 @@ impl StableDiffusion {
             super::unet_2d::PerBlock::One(v) => *v,
             super::unet_2d::PerBlock::Each(v) => v.first().copied().unwrap_or(2),
         };
-        let targets =
-            TargetIndex::new(&[(Component::Unet, &unet_w.tensors), (Component::TextEncoder, &te_w.tensors)], lpb);
+        let mut components = vec![(Component::Unet, &unet_w.tensors), (Component::TextEncoder, &te_w.tensors)];
+        if let Some(s) = &second {
+            components.push((Component::TextEncoder2, &*s.weights));
+        }
+        let targets = TargetIndex::new(&components, lpb);
         let mut info = ModelInfo {
             name: name.to_string(),
             family: if xl { "stable-diffusion-xl" } else { "stable-diffusion" }.into(),
@@ -253,6 +261,18 @@ impl StableDiffusion {
         } else {
             self.text_encoder.clone()
         };
+        let second = match &self.second {
+            Some(s) if touches(Component::TextEncoder2) => {
+                let w = Arc::new(build(&s.weights, Component::TextEncoder2)?);
+                Some(SecondEncoder {
+                    tokenizer: s.tokenizer.clone(),
+                    encoder: ClipTextModel::load(vb(&w), &s.config)?,
+                    weights: w,
+                    config: s.config.clone(),
+                })
+            }
+            other => other.clone(),
+        };
         Ok(Self {
             info: self.info.clone(),
             tokenizer: self.tokenizer.clone(),
@@ -263,7 +283,7 @@ impl StableDiffusion {
             te_weights: te_w,
             unet_cfg: self.unet_cfg.clone(),
             te_cfg: self.te_cfg.clone(),
-            second: self.second.clone(),
+            second,
             targets: self.targets.clone(),
             dtype: self.dtype,
             device: self.device.clone(),
