@@ -226,3 +226,39 @@ fn sdxl_lora_on_unet_and_both_text_encoders_matches_diffusers() {
     let base = model.encode_prompts(&["a red circle left of a blue square".to_string()]).unwrap();
     assert!(rel(&base.hidden_states, &want["prompt_embeds"]) > 1e-3);
 }
+
+/// FLUX and SD3: PEFT LoRA files on the transformer (attention of both streams, feed-forwards,
+/// the single blocks' MLP and output, the embedders, SD3's patch convolution), written by
+/// `FluxPipeline`/`StableDiffusion3Pipeline.save_lora_weights`
+/// (`scripts/fixtures/make_transformer_lora_fixtures.py`), give diffusers' transformer output,
+/// merged and unmerged.
+#[test]
+fn flow_transformer_loras_match_diffusers() {
+    for m in ["flux-dev-tiny", "sd3-tiny"] {
+        let dir = Path::new("tests/fixtures/models").join(m);
+        let model = tiller::models::loader::load_model(m, &dir, &Device::Cpu, DType::F32).unwrap();
+        let file = format!("{m}_peft");
+        let a = Adapter::load(&file, &Path::new("tests/fixtures/lora").join(format!("{file}.safetensors"))).unwrap();
+        let (layers, warnings) = resolve(&a.file.layers, model.adapter_targets().unwrap(), false).unwrap();
+        assert!(warnings.is_empty(), "{m}: {warnings:?}");
+        assert!(layers.len() >= 8, "{m}: {} layers", layers.len());
+        let t =
+            candle_core::safetensors::load(format!("tests/fixtures/refs/transformer_{m}.safetensors"), &Device::Cpu)
+                .unwrap();
+        let want =
+            candle_core::safetensors::load(format!("tests/fixtures/refs/lora_{m}.safetensors"), &Device::Cpu).unwrap();
+        let ctx = tiller::models::PromptEmbedding {
+            hidden_states: t["context"].clone(),
+            pooled: Some(t["pooled"].clone()),
+            truncated: vec![],
+        };
+        for merge in [true, false] {
+            let variant = model.with_adapters(&[(1.0, layers.as_slice())], merge).unwrap();
+            let g = variant.guidance_embedding(3.5, 2).unwrap();
+            let out = variant.predict(&t["sample"], &t["timesteps"], &ctx, g.as_ref()).unwrap();
+            let e = rel(&out, &want["out"]);
+            println!("{m} lora merge={merge}: {e:.2e}");
+            assert!(e < TOL, "{m} merge={merge}: {e}");
+        }
+    }
+}

@@ -38,7 +38,7 @@ impl TargetIndex {
                 // Text encoders appear with and without transformers' `text_model.` prefix.
                 if let Some(s) = under.strip_prefix("text_model_") {
                     u.insert(s.to_string(), module.to_string());
-                } else if *c != Component::Unet {
+                } else if matches!(c, Component::TextEncoder | Component::TextEncoder2) {
                     u.insert(format!("text_model_{under}"), module.to_string());
                 }
                 u.insert(under, module.to_string());

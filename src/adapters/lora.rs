@@ -21,6 +21,8 @@ pub enum Component {
     Unet,
     TextEncoder,
     TextEncoder2,
+    /// The denoising transformer of flow models (SD3, FLUX).
+    Transformer,
 }
 
 impl Component {
@@ -29,6 +31,7 @@ impl Component {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
+            Component::Transformer => "transformer",
         }
     }
 }
@@ -190,6 +193,7 @@ fn component_of_prefix(key: &str) -> Option<(Component, &str)> {
         ("unet.", Component::Unet),
         ("text_encoder.", Component::TextEncoder),
         ("text_encoder_2.", Component::TextEncoder2),
+        ("transformer.", Component::Transformer),
     ] {
         if let Some(rest) = key.strip_prefix(prefix) {
             return Some((c, rest));
@@ -330,7 +334,7 @@ fn peft_scalings(metadata: &HashMap<String, String>, sources: &ScalingSources) -
     let mut out = HashMap::new();
     if let Some(cfg) = &sources.adapter_config {
         let s = PeftScaling::from_json(cfg);
-        for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
+        for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2, Component::Transformer] {
             out.insert(c, s.clone());
         }
         return out;
@@ -338,7 +342,7 @@ fn peft_scalings(metadata: &HashMap<String, String>, sources: &ScalingSources) -
     if let Some(meta) =
         metadata.get("lora_adapter_metadata").and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
     {
-        for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
+        for c in [Component::Unet, Component::TextEncoder, Component::TextEncoder2, Component::Transformer] {
             if let Some(v) = meta.get(c.name()) {
                 out.insert(c, PeftScaling::from_json(v));
             } else {

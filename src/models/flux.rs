@@ -30,6 +30,7 @@ pub const PIPELINES: &[&str] = &["FluxPipeline"];
 /// The T5 sequence length of the pipeline (`max_sequence_length`).
 const T5_TOKENS: usize = 512;
 
+#[derive(Clone)]
 pub struct Flux {
     info: ModelInfo,
     clip_tokenizer: Arc<ClipTokenizer>,
@@ -37,6 +38,10 @@ pub struct Flux {
     t5_tokenizer: Arc<T5Tokenizer>,
     t5: T5EncoderModel,
     transformer: FluxTransformer2DModel,
+    /// The transformer's base weights and config (adapter variants are built from them).
+    transformer_weights: Arc<std::collections::HashMap<String, Tensor>>,
+    transformer_config: FluxTransformerConfig,
+    targets: Arc<crate::adapters::TargetIndex>,
     vae: Arc<AutoencoderKL>,
     dtype: DType,
     device: Device,
@@ -117,6 +122,12 @@ impl Flux {
             t5_tokenizer: Arc::new(t5_tokenizer),
             t5,
             transformer,
+            targets: Arc::new(crate::adapters::TargetIndex::new(
+                &[(crate::adapters::Component::Transformer, &tr_w.tensors)],
+                0,
+            )),
+            transformer_weights: Arc::new(tr_w.tensors),
+            transformer_config: tr_cfg,
             vae: Arc::new(vae),
             dtype,
             device: device.clone(),
@@ -153,6 +164,34 @@ impl DiffusionModel for Flux {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn adapter_targets(&self) -> Option<&crate::adapters::TargetIndex> {
+        Some(&self.targets)
+    }
+
+    /// A variant whose transformer carries the adapters (merged or unmerged); the encoders and
+    /// the VAE are shared.
+    fn with_adapters(
+        &self,
+        adapters: &crate::adapters::apply::WeightedLayers,
+        merge: bool,
+    ) -> Result<Arc<dyn DiffusionModel>> {
+        use crate::adapters::Component;
+        if adapters.iter().any(|(_, ls)| ls.iter().any(|l| l.component != Component::Transformer)) {
+            candle_core::bail!("model `{}` takes LoRA on its transformer only", self.info.name);
+        }
+        let w = if merge {
+            crate::adapters::apply::merge(&self.transformer_weights, Component::Transformer, adapters)?
+        } else {
+            crate::adapters::apply::unmerged(&self.transformer_weights, Component::Transformer, adapters)?
+        };
+        let vb = candle_nn::VarBuilder::from_tensors(w.clone(), self.dtype, &self.device);
+        Ok(Arc::new(Self {
+            transformer: FluxTransformer2DModel::load(vb, &self.transformer_config)?,
+            transformer_weights: Arc::new(w),
+            ..self.clone()
+        }))
     }
 
     /// FluxPipeline's `encode_prompt`: T5's last hidden states over 512 tokens, and CLIP's

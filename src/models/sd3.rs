@@ -34,12 +34,17 @@ struct Sd3Index {
     text_encoder_3: Option<(Option<String>, Option<String>)>,
 }
 
+#[derive(Clone)]
 pub struct StableDiffusion3 {
     info: ModelInfo,
     tokenizers: [Arc<ClipTokenizer>; 2],
     encoders: [ClipTextModel; 2],
-    t5: Option<(T5Tokenizer, T5EncoderModel)>,
+    t5: Option<(Arc<T5Tokenizer>, T5EncoderModel)>,
     transformer: SD3Transformer2DModel,
+    /// The transformer's base weights and config (adapter variants are built from them).
+    transformer_weights: Arc<std::collections::HashMap<String, Tensor>>,
+    transformer_config: SD3TransformerConfig,
+    targets: Arc<crate::adapters::TargetIndex>,
     vae: Arc<AutoencoderKL>,
     dtype: DType,
     device: Device,
@@ -93,7 +98,7 @@ impl StableDiffusion3 {
             }
             let w = load_component(&t5_dir, "model", variant, dtype, device)?;
             let model = in_component(&t5_dir, T5EncoderModel::load(w.var_builder(), &cfg))?;
-            Some((T5Tokenizer::from_dir(&component_dir(dir, "tokenizer_3")?)?, model))
+            Some((Arc::new(T5Tokenizer::from_dir(&component_dir(dir, "tokenizer_3")?)?), model))
         } else {
             None
         };
@@ -149,6 +154,12 @@ impl StableDiffusion3 {
             encoders: [e1, e2],
             t5,
             transformer,
+            targets: Arc::new(crate::adapters::TargetIndex::new(
+                &[(crate::adapters::Component::Transformer, &tr_w.tensors)],
+                0,
+            )),
+            transformer_weights: Arc::new(tr_w.tensors),
+            transformer_config: tr_cfg,
             vae: Arc::new(vae),
             dtype,
             device: device.clone(),
@@ -175,6 +186,34 @@ impl DiffusionModel for StableDiffusion3 {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn adapter_targets(&self) -> Option<&crate::adapters::TargetIndex> {
+        Some(&self.targets)
+    }
+
+    /// A variant whose transformer carries the adapters (merged or unmerged); the encoders and
+    /// the VAE are shared.
+    fn with_adapters(
+        &self,
+        adapters: &crate::adapters::apply::WeightedLayers,
+        merge: bool,
+    ) -> Result<Arc<dyn DiffusionModel>> {
+        use crate::adapters::Component;
+        if adapters.iter().any(|(_, ls)| ls.iter().any(|l| l.component != Component::Transformer)) {
+            candle_core::bail!("model `{}` takes LoRA on its transformer only", self.info.name);
+        }
+        let w = if merge {
+            crate::adapters::apply::merge(&self.transformer_weights, Component::Transformer, adapters)?
+        } else {
+            crate::adapters::apply::unmerged(&self.transformer_weights, Component::Transformer, adapters)?
+        };
+        let vb = candle_nn::VarBuilder::from_tensors(w.clone(), self.dtype, &self.device);
+        Ok(Arc::new(Self {
+            transformer: SD3Transformer2DModel::load(vb, &self.transformer_config)?,
+            transformer_weights: Arc::new(w),
+            ..self.clone()
+        }))
     }
 
     /// diffusers' `encode_prompt`: both CLIP encoders' un-normed penultimate states side by side,
