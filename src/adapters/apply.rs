@@ -199,6 +199,26 @@ pub fn delta(layer: &ResolvedLayer) -> candle_core::Result<Tensor> {
 /// A weighted set of resolved adapters.
 pub type WeightedLayers<'a> = [(f64, &'a [ResolvedLayer])];
 
+/// The weights of a model whose only adaptable component is `component` (a flow model's
+/// transformer), with `adapters` merged or kept unmerged; an error names the model when an
+/// adapter targets anything else.
+pub fn single_component(
+    model: &str,
+    base: &HashMap<String, Tensor>,
+    component: Component,
+    adapters: &WeightedLayers,
+    merge: bool,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    if adapters.iter().any(|(_, ls)| ls.iter().any(|l| l.component != component)) {
+        candle_core::bail!("model `{model}` takes LoRA on its {} only", component.name());
+    }
+    if merge {
+        self::merge(base, component, adapters)
+    } else {
+        unmerged(base, component, adapters)
+    }
+}
+
 /// Merged weights for `component`: a copy of `base` where each adapted weight is replaced by
 /// W + Σ s·scale·ΔW (accumulated in f32, stored in the base dtype). Untouched tensors are shared.
 pub fn merge(

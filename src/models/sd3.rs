@@ -199,15 +199,13 @@ impl DiffusionModel for StableDiffusion3 {
         adapters: &crate::adapters::apply::WeightedLayers,
         merge: bool,
     ) -> Result<Arc<dyn DiffusionModel>> {
-        use crate::adapters::Component;
-        if adapters.iter().any(|(_, ls)| ls.iter().any(|l| l.component != Component::Transformer)) {
-            candle_core::bail!("model `{}` takes LoRA on its transformer only", self.info.name);
-        }
-        let w = if merge {
-            crate::adapters::apply::merge(&self.transformer_weights, Component::Transformer, adapters)?
-        } else {
-            crate::adapters::apply::unmerged(&self.transformer_weights, Component::Transformer, adapters)?
-        };
+        let w = crate::adapters::apply::single_component(
+            &self.info.name,
+            &self.transformer_weights,
+            crate::adapters::Component::Transformer,
+            adapters,
+            merge,
+        )?;
         let vb = candle_nn::VarBuilder::from_tensors(w.clone(), self.dtype, &self.device);
         Ok(Arc::new(Self {
             transformer: SD3Transformer2DModel::load(vb, &self.transformer_config)?,
