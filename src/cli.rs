@@ -220,6 +220,12 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         "model {name}: {}x{}, {} steps of {}, guidance {}, seed {seed}",
         resolved.width, resolved.height, resolved.steps, resolved.scheduler, resolved.guidance_scale
     );
+    if args.guidance.is_some() && ignores_guidance(model.as_ref())? {
+        eprintln!(
+            "note: model {name} takes no guidance (a guidance-distilled model such as FLUX.1-schnell); --guidance is \
+             ignored"
+        );
+    }
     let bar = indicatif::ProgressBar::new(resolved.steps as u64);
     if args.quiet || !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -321,4 +327,9 @@ pub fn list_models(args: &ModelsArgs) -> Result<()> {
         println!("{name}\t{}", dir.display());
     }
     Ok(())
+}
+
+/// A model that neither runs classifier-free guidance nor embeds the scale (FLUX.1-schnell).
+fn ignores_guidance(model: &dyn crate::models::DiffusionModel) -> candle_core::Result<bool> {
+    Ok(model.info().guidance_embedding && model.guidance_embedding(1.0, 1)?.is_none())
 }

@@ -223,3 +223,48 @@ fn openapi_subcommand_prints_the_committed_document() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.json")).unwrap();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), committed);
 }
+
+/// FLUX from the CLI: unpacked `--save-latents`/`--init-latents` (n, 16, H/f, W/f) replay the
+/// image; dev takes `--guidance` as its embedding, schnell ignores it with a note.
+#[test]
+fn flux_generates_replays_and_notes_ignored_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let (st, a, b, c) = (p("a.safetensors"), p("a.png"), p("b.png"), p("c.png"));
+    let dev = fixtures().join("flux-dev-tiny").to_string_lossy().into_owned();
+    let common =
+        ["generate", "--model", &dev, "--prompt", "a red circle", "--steps", "3", "--seed", "9", "--device", "cpu"];
+    let mut first = common.to_vec();
+    first.extend(["--guidance", "3.5", "--width", "16", "--height", "16", "--save-latents", &st, "-o", &a]);
+    let out = run(&first);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("takes no guidance"));
+    assert_eq!(tensors(Path::new(&st))["init_latents"].dims(), [1, 16, 8, 8], "unpacked latents");
+    let mut replay = common.to_vec();
+    replay.extend(["--guidance", "3.5", "--width", "16", "--height", "16", "--init-latents", &st, "-o", &b]);
+    run(&replay);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+
+    let schnell = fixtures().join("flux-schnell-tiny").to_string_lossy().into_owned();
+    let out = run(&[
+        "generate",
+        "--model",
+        &schnell,
+        "--prompt",
+        "x",
+        "--guidance",
+        "5",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--device",
+        "cpu",
+        "-o",
+        &c,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("takes no guidance"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
