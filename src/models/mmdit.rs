@@ -167,7 +167,7 @@ impl HeadRmsNorm {
         let (b, n, inner) = x.dims3()?;
         let d = inner / heads;
         let h = x.reshape((b, n, heads, d))?;
-        let x32 = h.to_dtype(DType::F32)?;
+        let x32 = h.to_dtype(super::nn::reduction_dtype(x.dtype()))?;
         let rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
         let normed = x32.broadcast_div(&rms)?.to_dtype(x.dtype())?.broadcast_mul(&self.weight)?;
         normed.reshape((b, n, inner))

@@ -373,6 +373,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     out.reshape((b, heads, n, d))?.transpose(1, 2)?.contiguous()?.reshape((b, n, inner))
 }
 
+/// The dtype reductions (norms, softmax statistics) run in: f32, or f64 for f64 inputs.
+pub fn reduction_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Activation functions named in model configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {

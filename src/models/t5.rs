@@ -57,7 +57,7 @@ impl T5Config {
     }
 }
 
-/// T5's layer norm: x / √(mean(x²) + ε) · weight, in f32.
+/// T5's layer norm: x / √(mean(x²) + ε) · weight, in f32 (f64 for f64 inputs).
 #[derive(Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -69,7 +69,7 @@ impl RmsNorm {
         Ok(Self { weight: vb.get(dim, "weight")?, eps })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x32 = x.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(super::nn::reduction_dtype(x.dtype()))?;
         let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x32.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(x.dtype())?;
         normed.broadcast_mul(&self.weight)
