@@ -187,4 +187,9 @@ async fn flux_fixtures_generate_over_http() {
     let (st, f) = s.generate(fk).await;
     assert_eq!(st, 200, "{f}");
     assert_eq!(f["data"][0]["tiller"]["scheduler"], "flow-sde");
+
+    // Sides must hold whole 2×2 latent patches: a multiple of the VAE factor alone is a 400.
+    let (st, e) = s.generate(json!({"prompt": "x", "model": "flux-dev-tiny", "size": "18x18"})).await;
+    assert_error(st, &e, 400, Some("size"));
+    assert!(e["error"]["message"].as_str().unwrap().contains("multiples of 4"), "{e}");
 }

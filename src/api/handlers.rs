@@ -129,7 +129,7 @@ pub(crate) fn prepare_parsed(
         None => None,
         Some(form) => {
             let size = req.size.as_deref().map(validate::parse_size).transpose()?.flatten();
-            let d = form.decode(model.info.vae_scale_factor.max(1), size)?;
+            let d = form.decode(model.info.size_multiple(), size)?;
             if model.info.inpainting && d.input.mask.is_none() {
                 return Err(inpainting_only("mask", "send a `mask` (or an image with transparency)"));
             }

@@ -25,8 +25,9 @@ pub struct ImageGenerationRequest {
     #[schema(minimum = 1, example = 1)]
     pub n: Option<u32>,
     /// `WIDTHxHEIGHT` in pixels, multiples of the model's VAE factor (`vae_scale_factor` in
-    /// `GET /v1/models`: 4 for the default model, 8 for Stable Diffusion), within the configured
-    /// limits; default (or `auto`): the model's default size.
+    /// `GET /v1/models`: 4 for the default model, 8 for Stable Diffusion; twice that for SD3 and
+    /// FLUX, whose transformers take 2×2 latent patches), within the configured limits; default
+    /// (or `auto`): the model's default size.
     #[serde(default)]
     #[schema(example = "512x512")]
     pub size: Option<String>,

@@ -178,11 +178,12 @@ pub fn check(
         Some(wh) => wh,
         None => (info.default_size.1, info.default_size.0),
     };
-    if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
+    let m = info.size_multiple();
+    if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
         return Err(ApiError::invalid(
             "size",
             format!(
-                "`size` {width}x{height}: width and height must be positive multiples of {f} for model `{}`",
+                "`size` {width}x{height}: width and height must be positive multiples of {m} for model `{}`",
                 model.name
             ),
         ));

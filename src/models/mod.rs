@@ -115,6 +115,11 @@ impl ModelInfo {
         SamplingDefaults::for_sampler(sampler, &self.scheduler, self.guidance_embedding, self.max_prompt_tokens)
     }
 
+    /// What image sides must be multiples of: the VAE factor times the transformer's patch.
+    pub fn size_multiple(&self) -> usize {
+        (self.vae_scale_factor * self.patch_size).max(1)
+    }
+
     /// The image's length in network tokens at `height`×`width` pixels.
     pub fn image_seq_len(&self, height: usize, width: usize) -> usize {
         let side = (self.vae_scale_factor * self.patch_size).max(1);

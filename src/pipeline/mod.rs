@@ -267,7 +267,8 @@ impl Conditioning {
     }
 }
 
-/// Latent shape (n, C, H/f, W/f); errors when the size is not a multiple of the VAE factor.
+/// Latent shape (n, C, H/f, W/f); errors when the size is not a multiple of the VAE factor
+/// (times the transformer's patch size).
 pub fn latent_shape(
     model: &dyn DiffusionModel,
     n: usize,
@@ -275,9 +276,9 @@ pub fn latent_shape(
     width: usize,
 ) -> Result<(usize, usize, usize, usize)> {
     let info = model.info();
-    let f = info.vae_scale_factor;
-    if !height.is_multiple_of(f) || !width.is_multiple_of(f) {
-        candle_core::bail!("image size {width}x{height} must be a multiple of {f}");
+    let (f, m) = (info.vae_scale_factor, info.size_multiple());
+    if !height.is_multiple_of(m) || !width.is_multiple_of(m) {
+        candle_core::bail!("image size {width}x{height} must be a multiple of {m}");
     }
     Ok((n, info.latent_channels, height / f, width / f))
 }
