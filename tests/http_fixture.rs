@@ -10,6 +10,10 @@ use tiller::config::Config;
 use tiller::engine::{Engine, EngineOptions, EngineState, LoadedModel};
 
 async fn fixture_server(names: &[&str]) -> TestServer {
+    fixture_server_with(names, &Config::default()).await
+}
+
+async fn fixture_server_with(names: &[&str], config: &Config) -> TestServer {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let engine = Engine::start(
         Box::new(move || {
@@ -31,7 +35,7 @@ async fn fixture_server(names: &[&str]) -> TestServer {
     );
     let state = engine.wait_ready_blocking(Duration::from_secs(60));
     assert_eq!(state, EngineState::Ready);
-    start(engine, &Config::default()).await
+    start(engine, config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,4 +196,20 @@ async fn flux_fixtures_generate_over_http() {
     let (st, e) = s.generate(json!({"prompt": "x", "model": "flux-dev-tiny", "size": "18x18"})).await;
     assert_error(st, &e, 400, Some("size"));
     assert!(e["error"]["message"].as_str().unwrap().contains("multiples of 4"), "{e}");
+}
+
+/// SD3's position table bounds the image: a side beyond it is a 400 naming `size` even where the
+/// server's limits would allow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd3_sizes_beyond_the_position_table_are_400s() {
+    let mut config = Config::default();
+    config.limits.max_width = Some(256);
+    config.limits.max_height = Some(256);
+    config.limits.max_pixels = Some(256 * 256);
+    let s = fixture_server_with(&["sd15-tiny", "sd3-tiny"], &config).await;
+    let (st, e) = s.generate(json!({"prompt": "x", "model": "sd3-tiny", "size": "64x16", "steps": 1})).await;
+    assert_error(st, &e, 400, Some("size"));
+    assert!(e["error"]["message"].as_str().unwrap().contains("48"), "{e}");
+    let (st, ok) = s.generate(json!({"prompt": "x", "model": "sd3-tiny", "size": "48x16", "steps": 1})).await;
+    assert_eq!(st, 200, "{ok}");
 }

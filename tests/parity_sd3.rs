@@ -37,6 +37,21 @@ fn sd3_loads_as_a_flow_model() {
         let any = tiller::models::loader::load_model(m, &fixtures().join("models").join(m), &Device::Cpu, DType::F32)
             .unwrap();
         assert_eq!(any.info().family, "stable-diffusion-3");
+        // 12 position-table patches of 2 latent pixels of 2 image pixels: 48 pixels a side.
+        assert_eq!(info.max_side, Some(48));
+        let params = tiller::pipeline::GenerationParams {
+            prompt: "x".into(),
+            n: 1,
+            width: Some(64),
+            height: Some(16),
+            steps: Some(1),
+            ..Default::default()
+        };
+        let req = tiller::steering::SteeringRequest::default();
+        match tiller::steering::generate(any.as_ref(), &params, &req, &mut |_| true) {
+            Err(tiller::pipeline::GenerationError::InvalidInput(f)) => assert_eq!(f.field, "size"),
+            other => panic!("a side beyond the position table must be refused as `size`: {:?}", other.map(|_| ())),
+        }
     }
 }
 

@@ -188,6 +188,15 @@ pub fn check(
             ),
         ));
     }
+    if let Some(max) = info.max_side.filter(|&m| width > m || height > m) {
+        return Err(ApiError::invalid(
+            "size",
+            format!(
+                "`size` {width}x{height}: model `{}` takes sides up to {max} pixels (its position table)",
+                model.name
+            ),
+        ));
+    }
     if info.fixed_size && (height, width) != info.default_size {
         return Err(ApiError::invalid(
             "size",

@@ -111,6 +111,7 @@ impl Flux {
             guidance_embedding: true,
             max_prompt_tokens: max_tokens,
             patch_size: 2,
+            max_side: None,
             zero_empty_negative: false,
             defaults,
             scheduler: schedule,

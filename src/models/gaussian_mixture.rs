@@ -195,6 +195,7 @@ impl GaussianMixtureModel {
             guidance_embedding: false,
             max_prompt_tokens: 0,
             patch_size: 1,
+            max_side: None,
             zero_empty_negative: false,
         };
         Ok(Self { info, device: device.clone(), mixture, path, means, shape: (c, h, w) })

@@ -56,6 +56,8 @@ pub struct ModelInfo {
     pub guidance_embedding: bool,
     /// Maximum prompt length in tokens (including start/end tokens); 0 when prompts are ignored.
     pub max_prompt_tokens: usize,
+    /// The largest image side in pixels the network can take (SD3's position table), if any.
+    pub max_side: Option<usize>,
     /// Classifier-free guidance without a negative prompt uses zero embeddings for the
     /// unconditional branch (SDXL's `force_zeros_for_empty_prompt`).
     pub zero_empty_negative: bool,

@@ -140,6 +140,7 @@ impl StableDiffusion3 {
             guidance_embedding: false,
             max_prompt_tokens: max_tokens,
             patch_size: tr_cfg.patch_size,
+            max_side: tr_cfg.pos_embed_max_size.map(|m| m * tr_cfg.patch_size * f),
             zero_empty_negative: false,
             defaults: SamplingDefaults::derive(&schedule, false, max_tokens),
             scheduler: schedule,

@@ -202,6 +202,7 @@ impl StableDiffusion {
             guidance_embedding: unet_cfg.time_cond_proj_dim.is_some(),
             max_prompt_tokens: tokenizer.max_len(),
             patch_size: 1,
+            max_side: None,
             zero_empty_negative: xl && index.force_zeros_for_empty_prompt.unwrap_or(true),
             defaults: SamplingDefaults::derive(&schedule, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len()),
             scheduler: schedule,

@@ -280,6 +280,9 @@ pub fn latent_shape(
     if !height.is_multiple_of(m) || !width.is_multiple_of(m) {
         candle_core::bail!("image size {width}x{height} must be a multiple of {m}");
     }
+    if let Some(max) = info.max_side.filter(|&s| width > s || height > s) {
+        candle_core::bail!("image size {width}x{height}: the model takes sides up to {max} pixels");
+    }
     Ok((n, info.latent_channels, height / f, width / f))
 }
 

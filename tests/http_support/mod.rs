@@ -40,6 +40,7 @@ impl MockModel {
             guidance_embedding: false,
             max_prompt_tokens: 77,
             patch_size: 1,
+            max_side: None,
             zero_empty_negative: false,
         };
         Self { info, device: Device::Cpu, delay }
