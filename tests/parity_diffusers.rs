@@ -256,6 +256,7 @@ fn sdxl_text_encoders_and_unet_match_diffusers() {
     assert_eq!(model.info().family, "stable-diffusion-xl");
     assert!(model.info().zero_empty_negative, "force_zeros_for_empty_prompt");
     assert_eq!(model.info().defaults.guidance_scale, 5.0);
+    assert_eq!(model.info().defaults_for(SamplerKind::DpmPp2m), (50, 5.0), "another sampler keeps the pipeline's 5");
     let (t, json) = refs("text_sdxl-tiny");
     let prompts: Vec<String> =
         json["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();

@@ -32,6 +32,8 @@ fn flux_loads_with_each_variants_defaults() {
         assert_eq!(info.defaults.sampler, SamplerKind::FlowEuler);
         let dev = m.starts_with("flux-dev");
         assert_eq!((info.defaults.steps, info.defaults.guidance_scale), if dev { (28, 3.5) } else { (4, 0.0) });
+        // A request naming the other flow sampler keeps the pipeline's numbers.
+        assert_eq!(info.defaults_for(SamplerKind::FlowSde), if dev { (28, 3.5) } else { (4, 0.0) });
         // Guidance is an embedding (dev) or ignored (schnell): never classifier-free guidance.
         assert!(!tiller::pipeline::uses_cfg(any.as_ref(), 7.0));
         assert_eq!(any.guidance_embedding(3.5, 2).unwrap().is_some(), dev);

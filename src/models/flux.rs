@@ -95,9 +95,9 @@ impl Flux {
         let f = vae_cfg.scale_factor();
         let embedded = tr_cfg.guidance_embeds;
         let max_tokens = clip_tokenizer.max_len();
-        let mut defaults = SamplingDefaults::derive(&schedule, embedded, max_tokens);
         // FluxPipeline's defaults: dev 28 steps at guidance 3.5 (an embedding); schnell 4 steps.
-        (defaults.steps, defaults.guidance_scale) = if embedded { (28, 3.5) } else { (4, 0.0) };
+        let defaults =
+            SamplingDefaults::with_pipeline(&schedule, embedded, if embedded { (28, 3.5) } else { (4, 0.0) });
         let info = ModelInfo {
             name: name.to_string(),
             family: "flux".into(),

@@ -74,17 +74,33 @@ pub struct SamplingDefaults {
     pub sampler: SamplerKind,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// Steps and guidance of the model's pipeline for samplers without defaults of their own
+    /// (all but LCM and SD-Turbo's trailing Euler): what a request that picks another sampler
+    /// gets.
+    pub pipeline: (usize, f64),
 }
 
 impl SamplingDefaults {
     /// The defaults of the pipelines that ship such models: LCM → 4 steps (guidance 8.5 through
     /// the embedding, 1.0 without one); trailing-spaced Euler (SD-Turbo) → 1 step without
-    /// guidance; flow samplers → 28 steps at 7.0 (the SD3 pipeline's); otherwise 50 steps at
-    /// 7.5. Models that ignore prompts get guidance 1.0 (guidance would only double the work).
+    /// guidance; otherwise the pipeline's: 28 steps at 7.0 on flow schedules (the SD3
+    /// pipeline's), 50 at 7.5 on beta schedules. Models that ignore prompts get guidance 1.0
+    /// (guidance would only double the work).
     pub fn derive(scheduler: &ScheduleConfig, guidance_embedding: bool, max_prompt_tokens: usize) -> Self {
+        let (steps, guidance) = match scheduler.family() {
+            crate::sampling::ScheduleFamily::Flow => (28, 7.0),
+            crate::sampling::ScheduleFamily::Vp => (50, 7.5),
+        };
+        let guidance = if max_prompt_tokens == 0 { 1.0 } else { guidance };
+        Self::with_pipeline(scheduler, guidance_embedding, (steps, guidance))
+    }
+
+    /// The defaults of a model whose pipeline has its own `(steps, guidance)` (SDXL's guidance 5,
+    /// FLUX's).
+    pub fn with_pipeline(scheduler: &ScheduleConfig, guidance_embedding: bool, pipeline: (usize, f64)) -> Self {
         let sampler = scheduler.default_sampler();
-        let (steps, guidance_scale) = Self::for_sampler(sampler, scheduler, guidance_embedding, max_prompt_tokens);
-        Self { sampler, steps, guidance_scale }
+        let (steps, guidance_scale) = Self::for_sampler(sampler, scheduler, guidance_embedding, pipeline);
+        Self { sampler, steps, guidance_scale, pipeline }
     }
 
     /// Steps and guidance when a request picks `sampler` but not the numbers.
@@ -92,29 +108,23 @@ impl SamplingDefaults {
         sampler: SamplerKind,
         scheduler: &ScheduleConfig,
         guidance_embedding: bool,
-        max_prompt_tokens: usize,
+        pipeline: (usize, f64),
     ) -> (usize, f64) {
         let turbo =
             scheduler.vp().is_some_and(|c| c.timestep_spacing == Some(crate::sampling::TimestepSpacing::Trailing))
                 && matches!(sampler, SamplerKind::Euler | SamplerKind::EulerAncestral);
-        let guidance = |g: f64| if max_prompt_tokens == 0 { 1.0 } else { g };
         match sampler {
             SamplerKind::Lcm => (4, if guidance_embedding { 8.5 } else { 1.0 }),
             _ if turbo => (1, 0.0),
-            SamplerKind::FlowEuler | SamplerKind::FlowSde => (28, guidance(7.0)),
-            _ => (50, guidance(7.5)),
+            _ => pipeline,
         }
     }
 }
 
 impl ModelInfo {
-    /// Steps and guidance for a request that chose `sampler` (the model's own defaults when it is
-    /// the model's default sampler).
+    /// Steps and guidance for a request that chose `sampler`.
     pub fn defaults_for(&self, sampler: SamplerKind) -> (usize, f64) {
-        if sampler == self.defaults.sampler {
-            return (self.defaults.steps, self.defaults.guidance_scale);
-        }
-        SamplingDefaults::for_sampler(sampler, &self.scheduler, self.guidance_embedding, self.max_prompt_tokens)
+        SamplingDefaults::for_sampler(sampler, &self.scheduler, self.guidance_embedding, self.defaults.pipeline)
     }
 
     /// What image sides must be multiples of: the VAE factor times the transformer's patch.

@@ -191,7 +191,7 @@ impl StableDiffusion {
             components.push((Component::TextEncoder2, &*s.weights));
         }
         let targets = TargetIndex::new(&components, lpb);
-        let mut info = ModelInfo {
+        let info = ModelInfo {
             name: name.to_string(),
             family: if xl { "stable-diffusion-xl" } else { "stable-diffusion" }.into(),
             latent_channels: vae_cfg.latent_channels,
@@ -204,12 +204,14 @@ impl StableDiffusion {
             patch_size: 1,
             max_side: None,
             zero_empty_negative: xl && index.force_zeros_for_empty_prompt.unwrap_or(true),
-            defaults: SamplingDefaults::derive(&schedule, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len()),
+            defaults: if xl {
+                // StableDiffusionXLPipeline's guidance default
+                SamplingDefaults::with_pipeline(&schedule, unet_cfg.time_cond_proj_dim.is_some(), (50, 5.0))
+            } else {
+                SamplingDefaults::derive(&schedule, unet_cfg.time_cond_proj_dim.is_some(), tokenizer.max_len())
+            },
             scheduler: schedule,
         };
-        if xl && info.defaults.guidance_scale == 7.5 {
-            info.defaults.guidance_scale = 5.0; // StableDiffusionXLPipeline's default
-        }
         Ok(Self {
             info,
             tokenizer: Arc::new(tokenizer),
