@@ -7,13 +7,12 @@
 
 mod parity_support;
 
-use candle_core::{DType, Device, Tensor};
-use parity_support::{close, fixtures, flow_runs, refs};
+use candle_core::{DType, Device};
+use parity_support::{check_flow_run, close, fixtures, flow_runs, refs};
 use tiller::models::sd3::StableDiffusion3;
 use tiller::models::stable_diffusion::LoadOptions;
 use tiller::models::DiffusionModel;
-use tiller::pipeline::{sample_latents, Conditioning};
-use tiller::sampling::{build_for, ReplayNoise, SamplerKind};
+use tiller::sampling::SamplerKind;
 
 const MODELS: [&str; 3] = ["sd3-tiny", "sd35-tiny", "sd3-t5-tiny"];
 
@@ -77,45 +76,9 @@ fn sd3_runs_match_diffusers() {
     let runs = flow_runs("sd3");
     assert_eq!(runs.len(), 9, "{runs:?}");
     for stem in runs {
-        let (t, json) = refs(&stem);
+        let (_, json) = refs(&stem);
         let model = load(json["model"].as_str().unwrap());
-        let steps = json["num_inference_steps"].as_u64().unwrap() as usize;
-        let n = json["n"].as_u64().unwrap() as usize;
-        let seq = model.info().image_seq_len(16, 16);
-        let sampler = build_for(SamplerKind::FlowEuler, &model.info().scheduler, steps, 0.0, seq).unwrap();
-        let want_ts: Vec<f64> = t["timesteps"].to_vec1().unwrap();
-        for (i, w) in want_ts.iter().enumerate() {
-            assert!(
-                (sampler.timestep(i) - w).abs() < 1e-3,
-                "{stem}: timesteps {:?} vs {want_ts:?}",
-                sampler.timesteps()
-            );
-        }
-        let guidance = json["guidance_scale"].as_f64().unwrap();
-        let cond =
-            Conditioning::new(&model, json["prompt"].as_str().unwrap(), json["negative_prompt"].as_str(), guidance, n)
-                .unwrap();
-        // Step by step (localises a failure), then the pipeline's loop.
-        let mut x = (&t["init_latents"] * sampler.init_noise_sigma()).unwrap();
-        let mut prev: Option<Tensor> = None;
-        for i in 0..steps {
-            let out = cond.predict(&model, &sampler.scale_model_input(&x, i).unwrap(), sampler.timestep(i)).unwrap();
-            let x0 = sampler.predict_x0(&x, &out, i).unwrap();
-            x = sampler.transition(&x, &x0, prev.as_ref(), i, None).unwrap();
-            prev = Some(x0);
-            close(&format!("{stem} step {i}"), &x, &t[&format!("latents_step_{i}")]);
-        }
-        let (latents, _) = sample_latents(
-            &model,
-            sampler.as_ref(),
-            &cond,
-            &t["init_latents"],
-            &mut ReplayNoise::new(vec![]),
-            &mut |_| true,
-        )
-        .unwrap();
-        close(&format!("{stem} final latents"), &latents, &t["latents"]);
-        close(&format!("{stem} image"), &model.decode(&latents).unwrap(), &t["image"]);
+        check_flow_run(&model, &stem);
     }
 }
 

@@ -244,9 +244,7 @@ impl DiffusionModel for Flux {
 
     fn forward_bytes_per_row(&self, h: usize, w: usize) -> u64 {
         let c = self.transformer.config();
-        let tokens = ((h / 2) * (w / 2) + T5_TOKENS) as f64;
-        let dim = c.inner_dim() as f64;
-        (4.0 * (tokens * dim * 24.0 + c.num_attention_heads as f64 * tokens * tokens * 3.0)) as u64
+        super::transformer_forward_bytes((h / 2) * (w / 2) + T5_TOKENS, c.inner_dim(), c.num_attention_heads)
     }
 
     fn decode_bytes_per_image(&self, h: usize, w: usize) -> u64 {

@@ -144,6 +144,14 @@ impl ModelInfo {
     }
 }
 
+/// Upper estimate in bytes (f32) of one row of a transformer forward over `tokens` tokens of
+/// width `dim`: a few activations per block live at once, plus the attention scores the composed
+/// path would materialise per head.
+pub(crate) fn transformer_forward_bytes(tokens: usize, dim: usize, heads: usize) -> u64 {
+    let t = tokens as f64;
+    (4.0 * (t * dim as f64 * 24.0 + heads as f64 * t * t * 3.0)) as u64
+}
+
 /// A (batch,) f32 tensor holding timestep `t` for every row: the per-row timesteps
 /// [`DiffusionModel::predict`] takes, for callers whose rows share one step.
 pub fn timesteps(t: f64, batch: usize, device: &Device) -> Result<Tensor> {

@@ -278,13 +278,10 @@ impl DiffusionModel for StableDiffusion3 {
     }
 
     fn forward_bytes_per_row(&self, h: usize, w: usize) -> u64 {
-        // Tokens × width × (a few activations per block live at once) plus the attention scores
-        // the composed path would materialise; an upper estimate in f32.
         let c = self.transformer.config();
         let p = c.patch_size.max(1);
-        let tokens = ((h / p) * (w / p) + self.info.max_prompt_tokens + T5_TOKENS) as f64;
-        let dim = c.inner_dim() as f64;
-        (4.0 * (tokens * dim * 24.0 + c.num_attention_heads as f64 * tokens * tokens * 3.0)) as u64
+        let tokens = (h / p) * (w / p) + self.info.max_prompt_tokens + T5_TOKENS;
+        super::transformer_forward_bytes(tokens, c.inner_dim(), c.num_attention_heads)
     }
 
     fn decode_bytes_per_image(&self, h: usize, w: usize) -> u64 {

@@ -313,11 +313,7 @@ impl StableDiffusion {
 
     /// Token ids (B, L) for a batch of prompts, and which prompts were truncated.
     pub fn tokenize(&self, prompts: &[String]) -> Result<(Tensor, Vec<usize>)> {
-        self.tokenize_with(&self.tokenizer, prompts)
-    }
-
-    fn tokenize_with(&self, tokenizer: &ClipTokenizer, prompts: &[String]) -> Result<(Tensor, Vec<usize>)> {
-        tokenizer.encode_batch(prompts, &self.device)
+        self.tokenizer.encode_batch(prompts, &self.device)
     }
 }
 
@@ -362,7 +358,7 @@ impl DiffusionModel for StableDiffusion {
         };
         // SDXL: both encoders' penultimate states side by side; the second's projected pooled
         // output (diffusers' `encode_prompt`).
-        let (ids2, truncated2) = self.tokenize_with(&second.tokenizer, prompts)?;
+        let (ids2, truncated2) = second.tokenizer.encode_batch(prompts, &self.device)?;
         let first = self.text_encoder.forward_penultimate(&ids, self.clip_skip)?;
         let out2 = second.encoder.forward_penultimate(&ids2, self.clip_skip)?;
         let hidden_states = Tensor::cat(&[&first.hidden_states, &out2.hidden_states], 2)?;

@@ -71,16 +71,7 @@ pub fn run(
     spec: &FlowChefSpec,
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Steered, GenerationError> {
-    let reward = ctx.reward.expect("checked in run()");
-    if !reward.differentiable() {
-        return Err(GenerationError::InvalidInput(crate::error::FieldError::invalid(
-            "reward",
-            format!(
-                "FlowChef needs a differentiable reward; `{}` is not (use e.g. brightness, color, clip_score, aesthetic)",
-                reward.name()
-            ),
-        )));
-    }
+    super::differentiable_reward(ctx, "FlowChef")?;
     let mut r = Runner::new(ctx);
     let groups = r.groups();
     let cond = r.conditioning(1)?;

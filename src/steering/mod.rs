@@ -421,6 +421,24 @@ pub fn run(
     }
 }
 
+/// The request's reward, or an error naming `reward` when it has no gradient (`method` needs one).
+pub(crate) fn differentiable_reward<'a>(
+    ctx: &SteerContext<'a>,
+    method: &str,
+) -> Result<&'a dyn Reward, GenerationError> {
+    let reward = ctx.reward.expect("checked in run()");
+    if !reward.differentiable() {
+        return Err(GenerationError::InvalidInput(crate::error::FieldError::invalid(
+            "reward",
+            format!(
+                "{method} needs a differentiable reward; `{}` is not (use e.g. brightness, color, clip_score, aesthetic)",
+                reward.name()
+            ),
+        )));
+    }
+    Ok(reward)
+}
+
 /// Shared machinery: per-image noise and resampling RNGs, timed denoiser and reward calls,
 /// evaluation counters.
 pub(crate) struct Runner<'a, 'c> {

@@ -237,16 +237,7 @@ pub fn run(
     spec: &RenoSpec,
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Steered, GenerationError> {
-    let reward = ctx.reward.expect("checked in run()");
-    if !reward.differentiable() {
-        return Err(GenerationError::InvalidInput(crate::error::FieldError::invalid(
-            "reward",
-            format!(
-                "ReNO needs a differentiable reward; `{}` is not (use e.g. brightness, color, clip_score, aesthetic)",
-                reward.name()
-            ),
-        )));
-    }
+    let reward = super::differentiable_reward(ctx, "ReNO")?;
     let mut r = Runner::new(ctx);
     let groups = r.groups();
     let (cond, unit, step_noise) = prepare(&mut r)?;

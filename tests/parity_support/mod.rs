@@ -48,3 +48,42 @@ pub fn flow_runs(prefix: &str) -> Vec<String> {
     runs.sort();
     runs
 }
+
+/// Replays the recorded run `stem` (flow-euler, 16×16) on `model`: timesteps, every step's
+/// latents, the pipeline loop's final latents and the decoded image. Returns whether it used
+/// classifier-free guidance.
+pub fn check_flow_run(model: &dyn tiller::models::DiffusionModel, stem: &str) -> bool {
+    use tiller::pipeline::{sample_latents, Conditioning};
+    use tiller::sampling::{build_for, ReplayNoise, SamplerKind};
+    let (t, json) = refs(stem);
+    let steps = json["num_inference_steps"].as_u64().unwrap() as usize;
+    let n = json["n"].as_u64().unwrap() as usize;
+    let seq = model.info().image_seq_len(16, 16);
+    let sampler = build_for(SamplerKind::FlowEuler, &model.info().scheduler, steps, 0.0, seq).unwrap();
+    let want_ts: Vec<f64> = t["timesteps"].to_vec1().unwrap();
+    for (i, w) in want_ts.iter().enumerate() {
+        assert!((sampler.timestep(i) - w).abs() < 1e-3, "{stem}: timesteps {:?} vs {want_ts:?}", sampler.timesteps());
+    }
+    let guidance = json["guidance_scale"].as_f64().unwrap();
+    let cond =
+        Conditioning::new(model, json["prompt"].as_str().unwrap(), json["negative_prompt"].as_str(), guidance, n)
+            .unwrap();
+    // Step by step (localises a failure), then the pipeline's loop.
+    let mut x = (&t["init_latents"] * sampler.init_noise_sigma()).unwrap();
+    let mut prev: Option<Tensor> = None;
+    for i in 0..steps {
+        let out = cond.predict(model, &sampler.scale_model_input(&x, i).unwrap(), sampler.timestep(i)).unwrap();
+        let x0 = sampler.predict_x0(&x, &out, i).unwrap();
+        x = sampler.transition(&x, &x0, prev.as_ref(), i, None).unwrap();
+        prev = Some(x0);
+        close(&format!("{stem} step {i}"), &x, &t[&format!("latents_step_{i}")]);
+    }
+    let (latents, _) =
+        sample_latents(model, sampler.as_ref(), &cond, &t["init_latents"], &mut ReplayNoise::new(vec![]), &mut |_| {
+            true
+        })
+        .unwrap();
+    close(&format!("{stem} final latents"), &latents, &t["latents"]);
+    close(&format!("{stem} image"), &model.decode(&latents).unwrap(), &t["image"]);
+    cond.cfg
+}
